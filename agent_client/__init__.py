@@ -1,0 +1,88 @@
+"""agent_client: local-first SQLite storage for Commander OS agents, replicated via NATS JetStream."""
+
+from .agent_id import changes_subject, is_valid_agent_id, query_subject, validate_agent_id
+from .agent_storage import AgentStorage, Transaction
+from .change_record import (
+    RECORD_VERSION,
+    ChangeRecord,
+    RelayRecord,
+    RelayRow,
+    TableLayout,
+    decode_record,
+    decode_value,
+    encode_record,
+    encode_value,
+    msg_id,
+)
+from .errors import (
+    AgentStorageError,
+    ConstraintViolation,
+    FlushTimeout,
+    HTPCUnavailable,
+    InvalidAgentId,
+    InvalidIdentifier,
+    InvalidRow,
+    InvalidVisibility,
+    LocalDatabaseError,
+    MigrationConflict,
+    MigrationFailed,
+    MissingPrimaryKey,
+    NetworkQueryError,
+    QueryError,
+    QueryRejected,
+    QueryTimeout,
+    RecordDecodeError,
+    StorageClosed,
+    StorageFull,
+    TableTooWide,
+    UnknownTable,
+)
+from .migration import Migration
+from .stream import STREAM_NAME, ensure_stream
+from .visibility import Visibility
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RECORD_VERSION",
+    "STREAM_NAME",
+    "AgentStorage",
+    "AgentStorageError",
+    "ChangeRecord",
+    "ConstraintViolation",
+    "FlushTimeout",
+    "HTPCUnavailable",
+    "InvalidAgentId",
+    "InvalidIdentifier",
+    "InvalidRow",
+    "InvalidVisibility",
+    "LocalDatabaseError",
+    "Migration",
+    "MigrationConflict",
+    "MigrationFailed",
+    "MissingPrimaryKey",
+    "NetworkQueryError",
+    "QueryError",
+    "QueryRejected",
+    "QueryTimeout",
+    "RecordDecodeError",
+    "RelayRecord",
+    "RelayRow",
+    "StorageClosed",
+    "StorageFull",
+    "TableLayout",
+    "TableTooWide",
+    "Transaction",
+    "UnknownTable",
+    "Visibility",
+    "changes_subject",
+    "decode_record",
+    "decode_value",
+    "encode_record",
+    "encode_value",
+    "ensure_stream",
+    "is_valid_agent_id",
+    "msg_id",
+    "query_subject",
+    "validate_agent_id",
+]

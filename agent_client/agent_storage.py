@@ -1,0 +1,420 @@
+"""AgentStorage: what an agent imports. Local-first SQLite, replicated behind its back.
+
+Every method works with NATS and the HTPC down: writes commit locally (and are
+captured by triggers into the change log in the same transaction), and the
+publisher drains the log whenever JetStream is reachable. Method names follow
+the Commander OS storage guide (`write_data`, `batch_write`, `query_local`,
+`query_network`, `health_check`, `close`), so a guide-style agent ports by
+changing its constructor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import orjson
+
+from . import change_log
+from .agent_id import validate_agent_id
+from .errors import (
+    FlushTimeout,
+    HTPCUnavailable,
+    InvalidRow,
+    NetworkQueryError,
+    StorageClosed,
+    UnknownTable,
+)
+from .identifiers import quote_identifier
+from .local_store import LocalStore, call_in_thread, open_connection, translate_sqlite_error
+from .migration import Migration, apply_migrations, check_migrations
+from .nats_link import NatsLink
+from .publisher import Publisher
+from .query_responder import QueryResponder
+from .visibility import Visibility, parse_visibility
+
+log = logging.getLogger("agent_client")
+
+_I64 = (-(2**63), 2**63 - 1)
+RowId = Any
+
+
+def _to_sqlite(table: str, column: str, value: Any) -> Any:
+    """Python value -> SQLite value for write_data; lists and dicts become JSON text."""
+    if value is None or isinstance(value, str | float | bytes):
+        return value
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        if not _I64[0] <= value <= _I64[1]:
+            raise InvalidRow(f"{table}.{column}: integer {value} does not fit in 64 bits")
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, list | dict | tuple):
+        try:
+            return orjson.dumps(value).decode()
+        except TypeError as exc:
+            raise InvalidRow(f"{table}.{column}: value is not JSON-serialisable: {exc}") from None
+    raise InvalidRow(f"{table}.{column}: unsupported value type {type(value).__name__}")
+
+
+class _Schema:
+    """Per-connection cache of table descriptions, dropped whenever the schema changes."""
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.tables: dict[str, change_log.TableInfo] = {}
+
+    def info(self, conn: sqlite3.Connection, table: str) -> change_log.TableInfo:
+        version = int(conn.execute("PRAGMA schema_version").fetchone()[0])
+        if version != self.version:
+            self.tables.clear()
+            self.version = version
+        info = self.tables.get(table)
+        if info is None:
+            if not isinstance(table, str):
+                raise UnknownTable(f"table name must be a string, got {type(table).__name__}")
+            info = change_log.table_info(conn, table)
+            self.tables[table] = info
+        return info
+
+
+def _upsert(conn: sqlite3.Connection, schema: _Schema, table: str, data: Mapping[str, Any]) -> RowId:
+    if not isinstance(data, Mapping):
+        raise InvalidRow(f"data for {table!r} must be a dict of column -> value")
+    info = schema.info(conn, table)
+    row = dict(data)
+    unknown = [k for k in row if k not in info.columns]
+    if unknown:
+        raise InvalidRow(f"{table} has no column(s) {', '.join(map(repr, unknown))}")
+    if len(info.pk) == 1 and info.pk[0] not in row:
+        if not info.integer_pk:
+            row[info.pk[0]] = uuid.uuid4().hex
+    else:
+        missing = [c for c in info.pk if c not in row]
+        if missing:
+            raise InvalidRow(f"{table}: primary key column(s) {', '.join(missing)} missing")
+    if not row:
+        raise InvalidRow(f"no values given for {table!r}")
+    cols = list(row)
+    values = [_to_sqlite(table, c, row[c]) for c in cols]
+    q = quote_identifier
+    sql = f"INSERT INTO {q(table)} ({', '.join(map(q, cols))}) VALUES ({', '.join('?' * len(cols))})"
+    if info.pk:
+        updates = [c for c in cols if c not in info.pk]
+        target = ", ".join(map(q, info.pk))
+        if updates:
+            sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in updates)
+            sql += f" ON CONFLICT ({target}) DO UPDATE SET {sets}"
+        else:
+            sql += f" ON CONFLICT ({target}) DO NOTHING"
+    cur = conn.execute(sql, values)
+    if len(info.pk) == 1:
+        return row.get(info.pk[0], cur.lastrowid)
+    if not info.pk:
+        return cur.lastrowid
+    return tuple(row[c] for c in info.pk)
+
+
+def _rows_as_dicts(cur: sqlite3.Cursor) -> list[dict[str, Any]]:
+    if cur.description is None:
+        return []
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+class Transaction:
+    """A caller-driven local transaction (see AgentStorage.transaction)."""
+
+    def __init__(self, storage: AgentStorage, conn: Any) -> None:
+        self._storage = storage
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[dict[str, Any]]:
+        try:
+            return await call_in_thread(self._conn, lambda c: _rows_as_dicts(c.execute(sql, params)))
+        except sqlite3.Error as exc:
+            raise translate_sqlite_error(exc) from None
+
+    async def write_data(self, table: str, data: Mapping[str, Any]) -> RowId:
+        schema = self._storage._schema
+        try:
+            return await call_in_thread(self._conn, lambda c: _upsert(c, schema, table, data))
+        except sqlite3.Error as exc:
+            raise translate_sqlite_error(exc) from None
+
+
+class AgentStorage:
+    """Local SQLite storage for one agent, replicated to the HTPC through NATS JetStream.
+
+    `data_dir / f"{agent_id}.db"` is the database (WAL mode). `nats_url` may be
+    omitted when `htpc_url` is given: it is learned from `/relay/info`.
+    """
+
+    def __init__(
+        self,
+        agent_id: str,
+        data_dir: Path | str,
+        htpc_url: str | None = None,
+        nats_url: str | None = None,
+        *,
+        replicate: bool = True,
+        nats_options: dict[str, Any] | None = None,
+        max_record_bytes: int = 256 * 1024,
+        max_in_flight: int = 32,
+        http_timeout: float = 5.0,
+    ) -> None:
+        self.agent_id = validate_agent_id(agent_id)
+        self.data_dir = Path(data_dir)
+        self.db_path = self.data_dir / f"{self.agent_id}.db"
+        self.htpc_url = htpc_url.rstrip("/") if htpc_url else None
+        self.nats_url = nats_url
+        self.replicate = replicate
+        self.epoch = ""
+        self._store = LocalStore(self.db_path)
+        self._schema = _Schema()
+        self._link = NatsLink(
+            nats_url=nats_url, htpc_url=self.htpc_url, name=f"agent:{self.agent_id}", connect_options=nats_options
+        )
+        self._publisher: Publisher | None = None
+        self._responder = QueryResponder(self.agent_id, self.db_path)
+        self._max_record_bytes = max_record_bytes
+        self._max_in_flight = max_in_flight
+        self._http_timeout = http_timeout
+        self._http: httpx.AsyncClient | None = None
+        self._reader: Any = None
+        self._opened = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def open(self) -> AgentStorage:
+        if self._opened:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        await self._store.open()
+        agent_id = self.agent_id
+        self.epoch = await self._store.run(lambda c: change_log.init_schema(c, agent_id))
+        await self._store.write(change_log.resync_schema)
+        self._reader = await open_connection(self.db_path)
+        if self.replicate:
+            self._publisher = Publisher(
+                store=self._store,
+                db_path=self.db_path,
+                link=self._link,
+                agent_id=self.agent_id,
+                epoch=self.epoch,
+                max_record_bytes=self._max_record_bytes,
+                max_in_flight=self._max_in_flight,
+            )
+            self._store.on_commit = self._publisher.notify
+            await self._publisher.start()
+            self._link.on_first_connect(self._responder.subscribe)
+            self._link.start()
+        self._opened = True
+        log.info("agent %s opened %s (epoch %s)", self.agent_id, self.db_path, self.epoch)
+        return self
+
+    async def __aenter__(self) -> AgentStorage:
+        return await self.open()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop publishing and close the database. Unpublished changes stay in the log for next time."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._publisher is not None:
+            await self._publisher.close()
+        await self._link.close()
+        if self._http is not None:
+            await self._http.aclose()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await self._reader.close()
+        await self._store.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageClosed(f"storage of agent {self.agent_id} is closed")
+        if not self._opened:
+            raise StorageClosed("storage is not open: use `async with AgentStorage(...)` or `await storage.open()`")
+
+    # ------------------------------------------------------------------ schema
+    async def migrate(self, migrations: Iterable[Migration]) -> list[int]:
+        """Apply the migrations not applied yet, in version order. Returns the versions applied now."""
+        self._check_open()
+        ordered = check_migrations(migrations)
+        applied = await self._store.run(lambda c: apply_migrations(c, ordered))
+        if applied and self._store.on_commit is not None:
+            self._store.on_commit()
+        return applied
+
+    async def set_visibility(self, table: str, visibility: str | Visibility) -> None:
+        """Declare a table `always` (replicated), `on_demand` (queried live) or `private` (never leaves)."""
+        self._check_open()
+        vis = parse_visibility(visibility)
+        await self._store.write(lambda c: change_log.apply_visibility(c, table, vis))
+
+    async def visibility(self) -> dict[str, Visibility]:
+        """Every user table with its visibility (undeclared tables are private)."""
+        self._check_open()
+
+        def read(c: sqlite3.Connection) -> dict[str, Visibility]:
+            declared = {name: v for name, (v, _l, _s) in change_log.current_tables(c).items()}
+            return {t: declared.get(t, Visibility.PRIVATE) for t in change_log.user_tables(c)}
+
+        return await call_in_thread(self._reader, read)
+
+    # ------------------------------------------------------------------ writes
+    async def write_data(self, table: str, data: Mapping[str, Any]) -> RowId:
+        """Upsert one row (only the given columns are updated) and return its primary key.
+
+        A missing single-column key is generated: SQLite assigns an INTEGER
+        PRIMARY KEY, any other key gets a uuid4 hex string.
+        """
+        self._check_open()
+        if not isinstance(data, Mapping):
+            raise InvalidRow(f"data for {table!r} must be a dict of column -> value")
+        schema = self._schema
+        return await self._store.write(lambda c: _upsert(c, schema, table, data))
+
+    async def batch_write(self, records: Iterable[Mapping[str, Any]]) -> list[RowId]:
+        """Write `[{"table": ..., "data": {...}}, ...]` in one local transaction (all or nothing)."""
+        self._check_open()
+        items: list[tuple[str, Mapping[str, Any]]] = []
+        for i, rec in enumerate(records):
+            if not isinstance(rec, Mapping) or "table" not in rec or not isinstance(rec.get("data"), Mapping):
+                raise InvalidRow(f"batch record {i} must be {{'table': str, 'data': dict}}")
+            items.append((rec["table"], rec["data"]))
+        schema = self._schema
+        return await self._store.write(lambda c: [_upsert(c, schema, t, d) for t, d in items])  # type: ignore[no-any-return]
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """`async with storage.transaction() as tx:` runs several statements as one local transaction.
+
+        It holds the single writer; keep it short. Raw SQL is fine: triggers
+        capture whatever it changes in replicated tables.
+        """
+        self._check_open()
+        async with self._store.exclusive_transaction() as conn:
+            yield Transaction(self, conn)
+
+    # ------------------------------------------------------------------ reads
+    async def query_local(
+        self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Run SQL on the local database (fast, never touches the network); rows as dicts."""
+        self._check_open()
+        try:
+            return await call_in_thread(self._reader, lambda c: _rows_as_dicts(c.execute(query, params or ())))
+        except sqlite3.Error as exc:
+            raise translate_sqlite_error(exc) from None
+
+    async def last_committed_seq(self) -> int:
+        """The sequence number of the newest committed local change."""
+        self._check_open()
+        return await call_in_thread(self._reader, change_log.last_committed_seq)
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every change committed so far is acknowledged by JetStream."""
+        self._check_open()
+        if self._publisher is None:
+            raise FlushTimeout("replication is disabled for this storage (replicate=False)")
+        target = await self.last_committed_seq()
+        if not await self._publisher.wait_acked(target, timeout):
+            raise FlushTimeout(
+                f"{target - self._publisher.acked_seq} change(s) not acknowledged by JetStream after {timeout:g}s"
+                + (f" (last error: {self._publisher.last_error})" if self._publisher.last_error else "")
+            )
+
+    async def query_network(
+        self,
+        query: str,
+        params: Sequence[Any] | Mapping[str, Any] | None = None,
+        *,
+        fresh: bool = True,
+        timeout_ms: int | None = None,
+    ) -> dict[str, Any]:
+        """Query the network-wide view on the HTPC (`POST /relay/query`).
+
+        With `fresh` the HTPC answers only once it has applied this agent's
+        changes up to the last local commit (read-your-writes).
+        """
+        self._check_open()
+        if not self.htpc_url:
+            raise NetworkQueryError("query_network needs htpc_url")
+        payload: dict[str, Any] = {"agent_id": self.agent_id, "query": query, "params": params or {}}
+        if fresh:
+            payload["min_seq"] = await self.last_committed_seq()
+            payload["epoch"] = self.epoch
+        if timeout_ms is not None:
+            payload["timeout_ms"] = timeout_ms
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self._http_timeout)
+        try:
+            resp = await self._http.post(f"{self.htpc_url}/relay/query", json=payload)
+        except httpx.HTTPError as exc:
+            raise HTPCUnavailable(f"HTPC at {self.htpc_url} unreachable: {exc!r}") from None
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {}
+        if resp.status_code >= 400:
+            raise NetworkQueryError(
+                f"HTPC refused the query ({resp.status_code}): {body.get('message', resp.text[:200])}",
+                status=resp.status_code,
+                code=body.get("error"),
+            )
+        return body  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ health
+    async def health_check(self) -> dict[str, Any]:
+        """Storage health: local db, NATS link, backlog, last publish, tables by visibility."""
+        self._check_open()
+        local: dict[str, Any] = {"path": str(self.db_path)}
+        try:
+            mode = await call_in_thread(self._reader, lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+            ok = await call_in_thread(self._reader, lambda c: c.execute("PRAGMA quick_check(1)").fetchone()[0])
+            local.update(ok=ok == "ok", journal_mode=mode)
+        except sqlite3.Error as exc:
+            local.update(ok=False, error=str(exc))
+        tables = await self.visibility()
+        by_vis: dict[str, list[str]] = {v.value: [] for v in Visibility}
+        for name, vis in sorted(tables.items()):
+            by_vis[vis.value].append(name)
+        pub = self._publisher
+        backlog, age = (await pub.backlog()) if pub else (0, None)
+        return {
+            "agent_id": self.agent_id,
+            "epoch": self.epoch,
+            "local_db": local,
+            "nats": {
+                "connected": self._link.connected,
+                "url": self._link.nats_url
+                or (str(self._link.nc.connected_url.geturl()) if self._link.nc and self._link.nc.connected_url else None),
+                "last_error": (pub.last_error if pub and pub.last_error else None) or self._link.last_error,
+            },
+            "htpc_connection": self._link.connected,
+            "backlog": {"changes": backlog, "oldest_age_s": age},
+            "sync_queue_size": backlog,
+            "last_committed_seq": await self.last_committed_seq(),
+            "acked_seq": pub.acked_seq if pub else None,
+            "last_publish_at": pub.last_publish_at if pub else None,
+            "tables": by_vis,
+            "unreplicated_tables": by_vis["on_demand"] + by_vis["private"],
+            "checked_at": time.time(),
+        }

@@ -1,0 +1,196 @@
+"""The wire contract: change records on `agents.<agent_id>.changes`.
+
+Defined once here and imported by the replicator, so both ends can never
+disagree about a field. A record carries a run of consecutive change sequence
+numbers of one agent database (`epoch`); the replicator applies it in one
+central transaction. Values keep their SQLite storage class exactly: JSON
+numbers, strings and null carry INTEGER, REAL, TEXT and NULL, and the two
+things JSON cannot say (BLOBs, non-finite REALs) are tagged objects.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
+
+from .agent_id import AGENT_ID_PATTERN
+from .errors import RecordDecodeError
+from .identifiers import is_valid_identifier
+
+RECORD_VERSION = 1
+
+#: Change operations. U: upsert the full row image; D: delete by primary key;
+#: S: (re)create the table empty from `sql` (a snapshot's rows follow);
+#: X: the table is no longer replicated, drop the central copy;
+#: V: announce a non-replicated table's visibility (values = [visibility]).
+Op = Literal["U", "D", "S", "X", "V"]
+OPS: frozenset[str] = frozenset({"U", "D", "S", "X", "V"})
+
+_I64_MIN = -(2**63)
+_I64_MAX = 2**63 - 1
+
+SQLiteValue = int | float | str | bytes | None
+
+
+class TableLayout(BaseModel):
+    """Column layout of a replicated table at the time of a change."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    table: StrictStr
+    columns: list[StrictStr]
+    pk: list[StrictStr]
+    sql: StrictStr | None = None
+    visibility: Literal["always", "on_demand", "private"] = "always"
+
+    @model_validator(mode="after")
+    def _check(self) -> TableLayout:
+        if not is_valid_identifier(self.table):
+            raise ValueError(f"invalid table name {self.table!r}")
+        for col in self.columns:
+            if not is_valid_identifier(col):
+                raise ValueError(f"invalid column name {col!r}")
+        if len(set(self.columns)) != len(self.columns):
+            raise ValueError("duplicate column names")
+        if not set(self.pk) <= set(self.columns):
+            raise ValueError("primary key columns must be columns")
+        return self
+
+
+class ChangeRecord(BaseModel):
+    """A run of changes `first_seq..last_seq` from one agent database.
+
+    `final` is False only for a part of a local transaction too large for one
+    message: the replicator holds its central transaction open until the part
+    with `final=True` arrives, so the transaction still lands all at once.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = RECORD_VERSION
+    kind: Literal["changes"] = "changes"
+    agent_id: str = Field(pattern=f"^{AGENT_ID_PATTERN}$")
+    epoch: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    first_seq: StrictInt = Field(ge=1)
+    last_seq: StrictInt = Field(ge=1)
+    final: bool = True
+    committed_at: float | None = None
+    layouts: dict[str, TableLayout]
+    changes: list[tuple[StrictInt, Op, StrictInt, list[Any]]]
+
+    @model_validator(mode="after")
+    def _check(self) -> ChangeRecord:
+        if self.last_seq < self.first_seq:
+            raise ValueError("last_seq < first_seq")
+        if len(self.changes) != self.last_seq - self.first_seq + 1:
+            raise ValueError("changes do not cover first_seq..last_seq exactly")
+        expected = self.first_seq
+        for seq, op, layout_id, values in self.changes:
+            if seq != expected:
+                raise ValueError(f"change sequence {seq} out of order (expected {expected})")
+            expected += 1
+            layout = self.layouts.get(str(layout_id))
+            if layout is None:
+                raise ValueError(f"change {seq} names unknown layout {layout_id}")
+            if op == "U" and len(values) != len(layout.columns):
+                raise ValueError(f"change {seq}: row has {len(values)} values, layout has {len(layout.columns)}")
+            if op == "D" and len(values) != len(layout.pk):
+                raise ValueError(f"change {seq}: key has {len(values)} values, primary key {len(layout.pk)}")
+            if op == "S" and not layout.sql:
+                raise ValueError(f"change {seq}: schema change without sql")
+        return self
+
+
+class RelayRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    table: StrictStr
+    data: dict[str, Any]
+
+
+class RelayRecord(BaseModel):
+    """Rows written through the HTTP relay by agents that only speak HTTP.
+
+    They have no local change log, so they carry no sequence numbers; the
+    replicator applies them in stream order, each record in one transaction.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = RECORD_VERSION
+    kind: Literal["relay"] = "relay"
+    agent_id: str = Field(pattern=f"^{AGENT_ID_PATTERN}$")
+    timestamp: float | None = None
+    rows: list[RelayRow] = Field(min_length=1)
+
+
+AnyRecord = ChangeRecord | RelayRecord
+
+
+def encode_value(value: SQLiteValue) -> Any:
+    """SQLite value -> JSON-able value (tags only where JSON cannot carry it)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"b": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"f": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+    return value
+
+
+def decode_value(value: Any) -> SQLiteValue:
+    """JSON value -> SQLite value; raises ValueError on anything that is not one."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("booleans are not SQLite values")
+    if isinstance(value, int):
+        if not _I64_MIN <= value <= _I64_MAX:
+            raise ValueError(f"integer {value} does not fit in 64 bits")
+        return value
+    if isinstance(value, float):
+        return value
+    if isinstance(value, dict) and len(value) == 1:
+        if "b" in value and isinstance(value["b"], str):
+            try:
+                return base64.b64decode(value["b"], validate=True)
+            except ValueError as exc:
+                raise ValueError(f"bad base64 blob: {exc}") from None
+        if "f" in value and value["f"] in ("inf", "-inf", "nan"):
+            return float(value["f"])
+    raise ValueError(f"not a SQLite value: {value!r}")
+
+
+def encode_record(record: AnyRecord) -> bytes:
+    return orjson.dumps(record.model_dump(exclude_none=True))
+
+
+def decode_record(data: bytes) -> AnyRecord:
+    """Parse and validate a record; values inside stay wire-encoded (see decode_value)."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise RecordDecodeError(f"record is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RecordDecodeError("record is not a JSON object")
+    version = obj.get("v")
+    if version != RECORD_VERSION:
+        raise RecordDecodeError(f"unknown record version {version!r} (this build reads {RECORD_VERSION})")
+    kind = obj.get("kind", "changes")
+    try:
+        if kind == "changes":
+            return ChangeRecord.model_validate(obj)
+        if kind == "relay":
+            return RelayRecord.model_validate(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise RecordDecodeError(f"invalid {kind} record: {where}: {first.get('msg')}") from None
+    raise RecordDecodeError(f"unknown record kind {kind!r}")
+
+
+def msg_id(agent_id: str, epoch: str, first_seq: int, last_seq: int) -> str:
+    """The JetStream dedup id of a change record: the same changes always get the same id."""
+    return f"{agent_id}:{epoch}:{first_seq}-{last_seq}"

@@ -1,0 +1,102 @@
+"""Ordered, versioned schema migrations recorded in `_cr_schema_version`.
+
+Each migration runs in its own transaction together with the re-capture of
+any replicated table it changed, so the DDL and the new trigger set reach the
+change log atomically. Re-running a set is a no-op; an applied migration whose
+SQL changed is refused rather than silently diverging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from . import change_log
+from .errors import MigrationConflict, MigrationFailed
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    sql: str
+    name: str = ""
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.strip().encode()).hexdigest()
+
+
+def _statements(sql: str) -> list[str]:
+    out: list[str] = []
+    buf = ""
+    for line in sql.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        if not sqlite3.complete_statement(buf + ";"):
+            raise MigrationFailed(f"incomplete SQL statement: {buf.strip()[:80]!r}")
+        out.append(buf.strip())
+    return [s for s in out if s.strip(" ;\n\t")]
+
+
+def check_migrations(migrations: Iterable[Migration]) -> list[Migration]:
+    ordered = sorted(migrations, key=lambda m: m.version)
+    seen: set[int] = set()
+    for m in ordered:
+        if not isinstance(m, Migration):
+            raise MigrationFailed(f"not a Migration: {m!r}")
+        if not isinstance(m.version, int) or isinstance(m.version, bool) or m.version < 1:
+            raise MigrationFailed(f"migration version must be a positive integer, got {m.version!r}")
+        if m.version in seen:
+            raise MigrationFailed(f"migration version {m.version} given twice")
+        if not isinstance(m.sql, str) or not m.sql.strip():
+            raise MigrationFailed(f"migration {m.version} has no SQL")
+        seen.add(m.version)
+    return ordered
+
+
+def apply_migrations(conn: sqlite3.Connection, migrations: list[Migration]) -> list[int]:
+    """Apply the missing migrations in order; returns the versions applied now. Runs on the db thread."""
+    applied = {
+        int(r[0]): str(r[1]) for r in conn.execute("SELECT version, checksum FROM _cr_schema_version")
+    }
+    highest = max(applied, default=0)
+    done: list[int] = []
+    for m in migrations:
+        if m.version in applied:
+            if applied[m.version] != m.checksum:
+                raise MigrationConflict(
+                    f"migration {m.version} ({m.name or 'unnamed'}) was already applied with different SQL; "
+                    "add a new migration instead of editing an applied one"
+                )
+            continue
+        if m.version < highest:
+            raise MigrationConflict(
+                f"migration {m.version} is older than the newest applied migration {highest}; "
+                "new migrations must have higher versions"
+            )
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _statements(m.sql):
+                conn.execute(stmt)
+            conn.execute(
+                "INSERT INTO _cr_schema_version (version, name, checksum, applied_at) VALUES (?, ?, ?, ?)",
+                (m.version, m.name, m.checksum, time.time()),
+            )
+            change_log.resync_schema(conn)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise MigrationFailed(f"migration {m.version} failed and was rolled back: {exc}") from None
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        done.append(m.version)
+        highest = m.version
+    return done

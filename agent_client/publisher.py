@@ -1,0 +1,398 @@
+"""Publishes the local change log to JetStream, in order, without loss.
+
+The writer never waits for this: commits only wake it. Each closed
+transaction group of the log becomes one record (or, if it is larger than
+`max_record_bytes`, consecutive parts flagged `final=False` that the HTPC
+applies as one transaction). Record boundaries depend only on the log's
+content, so a record re-sent after a crash gets the same `Nats-Msg-Id` and
+JetStream drops the copy. Several records are in flight at once; on any
+failure the publisher goes back to the first unacknowledged change. Log rows
+are deleted only after their PubAck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import sqlite3
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+from nats.js.api import PubAck
+
+from . import change_log
+from .agent_id import changes_subject
+from .change_record import RECORD_VERSION, encode_value, msg_id
+from .local_store import LocalStore, call_in_thread, open_connection
+from .nats_link import NatsLink, backoff_delays
+from .stream import STREAM_NAME, ensure_stream
+
+log = logging.getLogger("agent_client.publisher")
+
+_INF = math.inf
+
+
+@dataclass
+class _Chunk:
+    first: int
+    tx: int
+    last: int = 0
+    parts: list[bytes] = field(default_factory=list)
+    size: int = 0
+    layouts: set[int] = field(default_factory=set)
+    committed_at: float = 0.0
+
+
+@dataclass
+class _InFlight:
+    first: int
+    last: int
+    future: asyncio.Future[PubAck]
+    deadline: float
+
+
+class PublishFailed(Exception):
+    """Internal: a publish failed or timed out; rewind to the first unacknowledged change."""
+
+
+def _wire_values(values: tuple[Any, ...]) -> list[Any]:
+    for v in values:
+        t = type(v)
+        if t is bytes or (t is float and (v == _INF or v == -_INF or v != v)):
+            return [encode_value(x) for x in values]
+    return list(values)
+
+
+class Publisher:
+    def __init__(
+        self,
+        *,
+        store: LocalStore,
+        db_path: Path,
+        link: NatsLink,
+        agent_id: str,
+        epoch: str,
+        max_record_bytes: int = 256 * 1024,
+        max_record_changes: int = 5000,
+        max_in_flight: int = 32,
+        read_batch: int = 5000,
+        ack_timeout: float = 5.0,
+        poll_interval: float = 0.05,
+    ) -> None:
+        self.store = store
+        self.db_path = db_path
+        self.link = link
+        self.agent_id = agent_id
+        self.epoch = epoch
+        self.subject = changes_subject(agent_id)
+        self.max_record_bytes = max_record_bytes
+        self.max_record_changes = max_record_changes
+        self.max_in_flight = max_in_flight
+        self.read_batch = read_batch
+        self.ack_timeout = ack_timeout
+        self.poll_interval = poll_interval
+
+        self.acked_seq = 0
+        self.last_publish_at: float | None = None
+        self.last_error: str | None = None
+        self.records_published = 0
+        self._trimmed_seq = 0
+        self._last_trim = 0.0
+        self._reader: aiosqlite.Connection | None = None
+        self._wake = asyncio.Event()
+        self._acked_event = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._layouts: dict[int, change_log.Layout] = {}
+        self._layout_json: dict[int, bytes] = {}
+        self._max_layout_id = -1
+        self._width = 0
+        self._stream_ready = False
+        # publishing state, reset on failure
+        self._cursor = 0
+        self._carry: _Chunk | None = None
+        self._in_flight: deque[_InFlight] = deque()
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self._reader = await open_connection(self.db_path)
+        first, last = await call_in_thread(self._reader, _log_bounds)
+        self.acked_seq = first - 1 if first else last
+        self._trimmed_seq = self.acked_seq
+        self._cursor = self.acked_seq
+        self._task = asyncio.create_task(self._run(), name=f"publisher-{self.agent_id}")
+
+    def notify(self) -> None:
+        """Called after every local commit: wake up and look at the log."""
+        self._wake.set()
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._drop_in_flight()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await self._reader.close()
+
+    async def wait_acked(self, target: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.acked_seq < target:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._acked_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acked_event.wait(), remaining)
+        return True
+
+    async def backlog(self) -> tuple[int, float | None]:
+        """(changes not yet acknowledged, age in seconds of the oldest of them)."""
+        assert self._reader is not None
+        acked = self.acked_seq
+        last, oldest_at = await call_in_thread(self._reader, lambda c: _backlog(c, acked))
+        age = (time.time() - oldest_at) if oldest_at is not None else None
+        return max(0, last - acked), age
+
+    # ----------------------------------------------------------------- main loop
+    async def _run(self) -> None:
+        delays = backoff_delays()
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            self._wake.clear()
+            try:
+                await self._close_open_group()
+                if self.link.connected and self.link.js is not None:
+                    if not self._stream_ready:
+                        await ensure_stream(self.link.js)
+                        self._stream_ready = True
+                    await self._pump()
+                    delays = backoff_delays()
+                await self._maybe_trim()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # PublishFailed, NATS errors, a locked database
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.debug("publisher rewinding after: %s", self.last_error)
+                self._rewind()
+                await asyncio.sleep(next(delays))
+
+    def _rewind(self) -> None:
+        self._drop_in_flight()
+        self._cursor = self.acked_seq
+        self._carry = None
+
+    def _drop_in_flight(self) -> None:
+        for item in self._in_flight:
+            if not item.future.done():
+                item.future.cancel()
+        self._in_flight.clear()
+
+    async def _close_open_group(self) -> None:
+        assert self._reader is not None
+        if await call_in_thread(self._reader, _open_group_has_rows):
+            await self.store.write(_bump_clock)
+
+    async def _pump(self) -> None:
+        """Publish whatever closed groups are available, keeping up to max_in_flight records unacked."""
+        assert self._reader is not None
+        while True:
+            self._collect_acks()
+            if len(self._in_flight) >= self.max_in_flight:
+                await self._await_head()
+                continue
+            await self._refresh_layouts()
+            cursor, width, limit = self._cursor, self._width, self.read_batch
+            rows = await call_in_thread(self._reader, lambda c: _read_closed(c, cursor, width, limit))
+            if not rows:
+                break
+            await self._load_layouts({int(r[2]) for r in rows})
+            for record_first, record_last, payload in self._pack(rows, complete=len(rows) < limit):
+                await self._send(record_first, record_last, payload)
+            self._cursor = rows[-1][0]
+            if len(rows) < limit:
+                break
+        self._collect_acks()
+
+    async def _send(self, first: int, last: int, payload: bytes) -> None:
+        js = self.link.js
+        if js is None:
+            raise PublishFailed("not connected")
+        while len(self._in_flight) >= self.max_in_flight:
+            await self._await_head()
+        fut = await js.publish_async(
+            self.subject,
+            payload,
+            headers={"Nats-Msg-Id": msg_id(self.agent_id, self.epoch, first, last)},
+        )
+        fut.add_done_callback(lambda _f: self._wake.set())
+        self._in_flight.append(_InFlight(first, last, fut, time.monotonic() + self.ack_timeout))
+
+    async def _await_head(self) -> None:
+        head = self._in_flight[0]
+        remaining = head.deadline - time.monotonic()
+        if not head.future.done():
+            done, _ = await asyncio.wait({head.future}, timeout=max(0.0, remaining))
+            if not done:
+                raise PublishFailed(f"no PubAck for changes {head.first}-{head.last} within {self.ack_timeout}s")
+        self._collect_acks()
+
+    def _collect_acks(self) -> None:
+        advanced = False
+        now = time.monotonic()
+        while self._in_flight:
+            head = self._in_flight[0]
+            if not head.future.done():
+                if now > head.deadline:
+                    raise PublishFailed(f"no PubAck for changes {head.first}-{head.last} within {self.ack_timeout}s")
+                break
+            exc = head.future.exception() if not head.future.cancelled() else PublishFailed("cancelled")
+            if exc is not None:
+                raise PublishFailed(f"publish of changes {head.first}-{head.last} failed: {exc!r}")
+            ack = head.future.result()
+            if ack.stream != STREAM_NAME:
+                raise PublishFailed(f"changes were stored in stream {ack.stream!r}, expected {STREAM_NAME}")
+            self._in_flight.popleft()
+            self.acked_seq = head.last
+            self.records_published += 1
+            advanced = True
+        if advanced:
+            self.last_publish_at = time.time()
+            self.last_error = None
+            self._acked_event.set()
+
+    async def _maybe_trim(self) -> None:
+        acked = self.acked_seq
+        if acked <= self._trimmed_seq:
+            return
+        if acked - self._trimmed_seq < 2000 and time.monotonic() - self._last_trim < 0.25:
+            return
+        await self.store.write(lambda c: c.execute("DELETE FROM _cr_log WHERE seq <= ?", (acked,)))
+        self._trimmed_seq = acked
+        self._last_trim = time.monotonic()
+
+    # ----------------------------------------------------------------- packing
+    async def _refresh_layouts(self) -> None:
+        assert self._reader is not None
+        max_id = await call_in_thread(self._reader, _max_layout_id)
+        if max_id != self._max_layout_id:
+            self._width = await call_in_thread(self._reader, change_log.widest_layout)
+            self._max_layout_id = max_id
+
+    async def _load_layouts(self, ids: set[int]) -> None:
+        assert self._reader is not None
+        missing = ids - self._layouts.keys()
+        if missing:
+            loaded = await call_in_thread(self._reader, lambda c: change_log.load_layouts(c, missing))
+            self._layouts.update(loaded)
+            for lid, layout in loaded.items():
+                self._layout_json[lid] = orjson.dumps(
+                    {
+                        "table": layout.table,
+                        "columns": list(layout.columns),
+                        "pk": list(layout.pk),
+                        "sql": layout.sql,
+                        "visibility": layout.visibility,
+                    }
+                )
+
+    def _pack(self, rows: list[tuple[Any, ...]], *, complete: bool) -> list[tuple[int, int, bytes]]:
+        """Cut rows into records; a trailing open chunk is carried to the next read unless complete."""
+        out: list[tuple[int, int, bytes]] = []
+        chunk = self._carry
+        for row in rows:
+            seq, tx, layout_id, op, at = row[0], row[1], row[2], row[3], row[4]
+            if chunk is not None and (
+                tx != chunk.tx or chunk.size >= self.max_record_bytes or len(chunk.parts) >= self.max_record_changes
+            ):
+                out.append(self._finish(chunk, final=tx != chunk.tx))
+                chunk = None
+            if chunk is None:
+                chunk = _Chunk(first=seq, tx=tx)
+            layout = self._layouts[layout_id]
+            if op == "U":
+                values = _wire_values(row[5 : 5 + len(layout.columns)])
+            elif op == "D":
+                values = _wire_values(row[5 : 5 + len(layout.pk)])
+            elif op == "V":
+                values = [row[5]]
+            else:
+                values = []
+            part = orjson.dumps([seq, op, layout_id, values])
+            chunk.parts.append(part)
+            chunk.size += len(part) + 1
+            chunk.last = seq
+            chunk.layouts.add(layout_id)
+            chunk.committed_at = at
+        if chunk is not None and complete:
+            out.append(self._finish(chunk, final=True))
+            chunk = None
+        self._carry = chunk
+        return out
+
+    def _finish(self, chunk: _Chunk, *, final: bool) -> tuple[int, int, bytes]:
+        layouts = b",".join(b'"%d":%s' % (lid, self._layout_json[lid]) for lid in sorted(chunk.layouts))
+        header = orjson.dumps(
+            {
+                "v": RECORD_VERSION,
+                "kind": "changes",
+                "agent_id": self.agent_id,
+                "epoch": self.epoch,
+                "first_seq": chunk.first,
+                "last_seq": chunk.last,
+                "final": final,
+                "committed_at": chunk.committed_at,
+            }
+        )
+        payload = b"".join(
+            (header[:-1], b',"layouts":{', layouts, b'},"changes":[', b",".join(chunk.parts), b"]}")
+        )
+        return chunk.first, chunk.last, payload
+
+
+# ---------------------------------------------------------------------- SQL (db thread)
+def _log_bounds(conn: sqlite3.Connection) -> tuple[int, int]:
+    row = conn.execute("SELECT min(seq) FROM _cr_log").fetchone()
+    return int(row[0] or 0), change_log.last_committed_seq(conn)
+
+
+def _open_group_has_rows(conn: sqlite3.Connection) -> bool:
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM _cr_log WHERE tx >= (SELECT tx FROM _cr_clock WHERE id = 1))"
+    ).fetchone()
+    return bool(row[0])
+
+
+def _bump_clock(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE _cr_clock SET tx = tx + 1 WHERE id = 1")
+
+
+def _read_closed(conn: sqlite3.Connection, cursor: int, width: int, limit: int) -> list[tuple[Any, ...]]:
+    cols = "".join(f", v{i}" for i in range(max(width, 1)))
+    return conn.execute(
+        f"SELECT seq, tx, layout, op, at{cols} FROM _cr_log "
+        "WHERE seq > ? AND tx < (SELECT tx FROM _cr_clock WHERE id = 1) ORDER BY seq LIMIT ?",
+        (cursor, limit),
+    ).fetchall()
+
+
+def _max_layout_id(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT max(id) FROM _cr_layouts").fetchone()
+    return int(row[0] or 0)
+
+
+def _backlog(conn: sqlite3.Connection, acked: int) -> tuple[int, float | None]:
+    last = change_log.last_committed_seq(conn)
+    row = conn.execute("SELECT at FROM _cr_log WHERE seq > ? ORDER BY seq LIMIT 1", (acked,)).fetchone()
+    return last, (float(row[0]) if row else None)
