@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS _cr_layouts (
     columns TEXT NOT NULL,
     pk TEXT NOT NULL,
     sql TEXT,
-    visibility TEXT NOT NULL
+    visibility TEXT NOT NULL,
+    types TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS _cr_tables (
     name TEXT PRIMARY KEY,
@@ -78,6 +79,7 @@ class Layout:
     pk: tuple[str, ...]
     sql: str | None
     visibility: str
+    types: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class TableInfo:
     columns: tuple[str, ...]
     pk: tuple[str, ...]
     sql: str
+    types: tuple[str, ...]
     integer_pk: bool  # single INTEGER PRIMARY KEY (a rowid alias): SQLite can assign it
 
 
@@ -143,7 +146,8 @@ def table_info(conn: sqlite3.Connection, table: str) -> TableInfo:
     integer_pk = len(pk) == 1 and any(
         c[0] == pk[0] and str(c[1]).upper() == "INTEGER" for c in cols
     )
-    return TableInfo(name=table, columns=columns, pk=pk, sql=str(row[0]), integer_pk=integer_pk)
+    types = tuple(str(c[1] or "") for c in cols)
+    return TableInfo(name=table, columns=columns, pk=pk, sql=str(row[0]), types=types, integer_pk=integer_pk)
 
 
 def user_tables(conn: sqlite3.Connection) -> list[str]:
@@ -170,8 +174,8 @@ def check_replicable(info: TableInfo) -> None:
 
 def _insert_layout(conn: sqlite3.Connection, info: TableInfo, visibility: Visibility) -> int:
     cur = conn.execute(
-        "INSERT INTO _cr_layouts (tbl, columns, pk, sql, visibility) VALUES (?, ?, ?, ?, ?)",
-        (info.name, json.dumps(info.columns), json.dumps(info.pk), info.sql, visibility.value),
+        "INSERT INTO _cr_layouts (tbl, columns, pk, sql, visibility, types) VALUES (?, ?, ?, ?, ?, ?)",
+        (info.name, json.dumps(info.columns), json.dumps(info.pk), info.sql, visibility.value, json.dumps(info.types)),
     )
     assert cur.lastrowid is not None
     return cur.lastrowid
@@ -317,11 +321,15 @@ def load_layouts(conn: sqlite3.Connection, ids: set[int]) -> dict[int, Layout]:
     if not ids:
         return {}
     rows = conn.execute(
-        f"SELECT id, tbl, columns, pk, sql, visibility FROM _cr_layouts WHERE id IN ({', '.join('?' * len(ids))})",
+        "SELECT id, tbl, columns, pk, sql, visibility, types FROM _cr_layouts "
+        f"WHERE id IN ({', '.join('?' * len(ids))})",
         sorted(ids),
     ).fetchall()
     return {
-        int(r[0]): Layout(int(r[0]), str(r[1]), tuple(json.loads(r[2])), tuple(json.loads(r[3])), r[4], str(r[5]))
+        int(r[0]): Layout(
+            int(r[0]), str(r[1]), tuple(json.loads(r[2])), tuple(json.loads(r[3])), r[4], str(r[5]),
+            tuple(json.loads(r[6])),
+        )
         for r in rows
     }
 

@@ -15,7 +15,7 @@ import math
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
 
 from .agent_id import AGENT_ID_PATTERN
 from .errors import RecordDecodeError
@@ -44,6 +44,8 @@ class TableLayout(BaseModel):
     table: StrictStr
     columns: list[StrictStr]
     pk: list[StrictStr]
+    #: declared column types (affinity); the HTPC mirrors them, constraints stay with the agent
+    types: list[StrictStr] = []
     sql: StrictStr | None = None
     visibility: Literal["always", "on_demand", "private"] = "always"
 
@@ -58,6 +60,8 @@ class TableLayout(BaseModel):
             raise ValueError("duplicate column names")
         if not set(self.pk) <= set(self.columns):
             raise ValueError("primary key columns must be columns")
+        if self.types and len(self.types) != len(self.columns):
+            raise ValueError("types must match columns")
         return self
 
 
@@ -77,7 +81,7 @@ class ChangeRecord(BaseModel):
     epoch: str = Field(pattern=r"^[0-9a-f]{8,64}$")
     first_seq: StrictInt = Field(ge=1)
     last_seq: StrictInt = Field(ge=1)
-    final: bool = True
+    final: StrictBool = True
     committed_at: float | None = None
     layouts: dict[str, TableLayout]
     changes: list[tuple[StrictInt, Op, StrictInt, list[Any]]]
@@ -176,7 +180,7 @@ def decode_record(data: bytes) -> AnyRecord:
     if not isinstance(obj, dict):
         raise RecordDecodeError("record is not a JSON object")
     version = obj.get("v")
-    if version != RECORD_VERSION:
+    if type(version) is not int or version != RECORD_VERSION:  # `true` and `1.0` equal 1 in Python
         raise RecordDecodeError(f"unknown record version {version!r} (this build reads {RECORD_VERSION})")
     kind = obj.get("kind", "changes")
     try:

@@ -301,6 +301,7 @@ class Publisher:
                     {
                         "table": layout.table,
                         "columns": list(layout.columns),
+                        "types": list(layout.types),
                         "pk": list(layout.pk),
                         "sql": layout.sql,
                         "visibility": layout.visibility,

@@ -1,0 +1,69 @@
+"""Named errors of the HTPC service. Each API-facing one carries a stable `code` and HTTP status."""
+
+from __future__ import annotations
+
+
+class ReplicatorError(Exception):
+    """Base class; `code` is the stable machine-readable error code the relay API returns."""
+
+    code = "replicator_error"
+    status = 500
+
+
+class BadRequest(ReplicatorError):
+    code = "invalid_request"
+    status = 400
+
+
+class InvalidAgent(BadRequest):
+    code = "invalid_agent_id"
+
+
+class InvalidName(BadRequest):
+    code = "invalid_identifier"
+
+
+class InvalidValue(BadRequest):
+    code = "invalid_value"
+
+
+class PayloadTooLarge(ReplicatorError):
+    code = "payload_too_large"
+    status = 413
+
+
+class UnknownAgent(ReplicatorError):
+    code = "unknown_agent"
+    status = 404
+
+
+class NatsUnavailable(ReplicatorError):
+    code = "nats_unavailable"
+    status = 503
+
+
+class AgentOffline(ReplicatorError):
+    """An on_demand query's agent did not answer over NATS."""
+
+    code = "agent_offline"
+    status = 503
+
+
+class NotYetReplicated(ReplicatorError):
+    """Read-your-writes: the agent's changes up to min_seq were not applied within the timeout."""
+
+    code = "not_yet_replicated"
+    status = 504
+
+
+class RecordRejected(ReplicatorError):
+    """A record cannot be applied (schema mismatch, bad value, constraint); it goes to the dead-letter store."""
+
+    code = "record_rejected"
+    status = 422
+
+
+class EmbeddedNatsFailed(ReplicatorError):
+    """The embedded nats-server could not be started."""
+
+    code = "embedded_nats_failed"

@@ -1,0 +1,125 @@
+"""ReplicatorService: the HTPC's parts wired together, started and stopped in order.
+
+Start: embedded nats-server (unless an external URL is given), the NATS
+connection, the stream, the central store, the consumer, the query engine.
+Stop: the consumer finishes the batch in hand (commit, then ack), then the
+connection drains, then the embedded server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from agent_client.stream import ensure_stream
+
+from .central_store import CentralStore
+from .consumer import Consumer
+from .dead_letters import DeadLetterStore
+from .embedded_nats import EmbeddedNats
+from .errors import NatsUnavailable
+from .query_engine import QueryEngine
+from .settings import Settings
+
+log = logging.getLogger("replicator")
+
+
+async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 30.0) -> NATS:
+    """Connect (retrying until `connect_timeout_s`), then let nats-py reconnect forever."""
+    deadline = time.monotonic() + connect_timeout_s
+    delay = 0.2
+    last: Exception | None = None
+
+    async def _quiet(exc: Exception) -> None:
+        log.debug("nats: %r", exc)
+
+    while time.monotonic() < deadline:
+        try:
+            return await nats.connect(
+                servers=[u.strip() for u in url.split(",") if u.strip()],
+                name=name,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=2,
+                ping_interval=5,
+                max_outstanding_pings=3,
+                error_cb=_quiet,
+            )
+        except Exception as exc:  # nats raises several unrelated types for "not reachable"
+            last = exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise NatsUnavailable(f"cannot connect to NATS at {url}: {last!r}")
+
+
+class ReplicatorService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.embedded: EmbeddedNats | None = None
+        self.nats_url: str = settings.nats_url or ""
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.store: CentralStore | None = None
+        self.dead_letters: DeadLetterStore | None = None
+        self.consumer: Consumer | None = None
+        self.query_engine: QueryEngine | None = None
+        self.started_at = time.time()
+        self.relay_published = 0
+
+    async def start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        if not s.nats_url:
+            self.embedded = EmbeddedNats(s.data_dir / "nats", host=s.nats_host, port=s.nats_port)
+            await self.embedded.start()
+            self.nats_url = self.embedded.url
+        self.nc = await connect_nats(self.nats_url, name=f"replicator:{s.durable}")
+        self.js = self.nc.jetstream()
+        await ensure_stream(self.js, replicas=s.stream_replicas)
+        self.store = CentralStore(s.data_dir)
+        self.dead_letters = DeadLetterStore(s.data_dir / "dead_letters.db")
+        self.consumer = Consumer(self.js, self.store, self.dead_letters, durable=s.durable)
+        self.consumer.start()
+        self.query_engine = QueryEngine(
+            self.store,
+            self.consumer,
+            lambda: self.nc,
+            max_rows=s.query_max_rows,
+            default_timeout_ms=s.query_timeout_ms,
+        )
+        log.info("replicator started: data %s, NATS %s", s.data_dir, self.nats_url)
+
+    def advertised_nats_url(self, request_host: str | None = None) -> str:
+        if self.settings.nats_advertise:
+            return self.settings.nats_advertise
+        if self.embedded is not None and self.embedded.host in ("0.0.0.0", "") and request_host:
+            return f"nats://{request_host}:{self.embedded.port}"
+        return self.nats_url
+
+    async def server_version(self) -> str | None:
+        if self.nc is None or not self.nc.is_connected:
+            return None
+        info: dict[str, Any] = getattr(self.nc, "_server_info", {}) or {}
+        return info.get("version")
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.drain(), 5)
+        if self.embedded is not None:
+            await self.embedded.stop()
+        if self.store is not None:
+            self.store.close()
+        if self.dead_letters is not None:
+            self.dead_letters.close()
+        log.info("replicator stopped")
