@@ -173,7 +173,7 @@ async def rebuild(settings: Settings) -> int:
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=last_seq + 1,
-                ack_wait=30,
+                ack_wait=5,
                 max_deliver=-1,
                 max_ack_pending=20_000,
                 filter_subject=STREAM_SUBJECTS[0],

@@ -96,7 +96,7 @@ class Consumer:
         fetch_watchdog: float = 10.0,
         nak_delay: float = 0.2,
         group_timeout: float = 20.0,
-        ack_wait: float = 30.0,
+        ack_wait: float = 5.0,
         deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
         opt_start_seq: int | None = None,
     ) -> None:
@@ -123,6 +123,7 @@ class Consumer:
         }
         self._applied_changed = asyncio.Condition()
         self._held: dict[str, list[Msg]] = defaultdict(list)
+        self._held_touched = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -194,6 +195,7 @@ class Consumer:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
+                await self._touch_held()
                 if msgs:
                     await self._handle(msgs)
                 else:
@@ -264,6 +266,17 @@ class Consumer:
                 self._applied_changed.notify_all()
         if self.on_batch is not None:
             self.on_batch(len(msgs))
+
+    async def _touch_held(self) -> None:
+        """Keep held parts of an open multi-part transaction from being redelivered while we wait."""
+        now = time.monotonic()
+        if not self._held or now - self._held_touched < self.ack_wait / 3:
+            return
+        self._held_touched = now
+        for msgs in self._held.values():
+            for m in msgs:
+                with contextlib.suppress(Exception):
+                    await m.in_progress()
 
     async def _expire_open_groups(self) -> None:
         now = time.monotonic()
