@@ -68,17 +68,21 @@ def _to_sqlite(table: str, column: str, value: Any) -> Any:
 
 
 class _Schema:
-    """Per-connection cache of table descriptions, dropped whenever the schema changes."""
+    """Per-connection cache of table descriptions and upsert statements, dropped when the schema changes."""
 
     def __init__(self) -> None:
         self.version = -1
         self.tables: dict[str, change_log.TableInfo] = {}
+        self.statements: dict[tuple[str, tuple[str, ...]], str] = {}
 
-    def info(self, conn: sqlite3.Connection, table: str) -> change_log.TableInfo:
+    def refresh(self, conn: sqlite3.Connection) -> None:
         version = int(conn.execute("PRAGMA schema_version").fetchone()[0])
         if version != self.version:
             self.tables.clear()
+            self.statements.clear()
             self.version = version
+
+    def info(self, conn: sqlite3.Connection, table: str) -> change_log.TableInfo:
         info = self.tables.get(table)
         if info is None:
             if not isinstance(table, str):
@@ -87,15 +91,34 @@ class _Schema:
             self.tables[table] = info
         return info
 
+    def upsert_sql(self, info: change_log.TableInfo, cols: tuple[str, ...]) -> str:
+        key = (info.name, cols)
+        sql = self.statements.get(key)
+        if sql is None:
+            q = quote_identifier
+            sql = f"INSERT INTO {q(info.name)} ({', '.join(map(q, cols))}) VALUES ({', '.join('?' * len(cols))})"
+            if info.pk:
+                updates = [c for c in cols if c not in info.pk]
+                target = ", ".join(map(q, info.pk))
+                if updates:
+                    sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in updates)
+                    sql += f" ON CONFLICT ({target}) DO UPDATE SET {sets}"
+                else:
+                    sql += f" ON CONFLICT ({target}) DO NOTHING"
+            self.statements[key] = sql
+        return sql
+
 
 def _upsert(conn: sqlite3.Connection, schema: _Schema, table: str, data: Mapping[str, Any]) -> RowId:
+    """Upsert one row; the caller has called schema.refresh() in this transaction."""
     if not isinstance(data, Mapping):
         raise InvalidRow(f"data for {table!r} must be a dict of column -> value")
     info = schema.info(conn, table)
     row = dict(data)
-    unknown = [k for k in row if k not in info.columns]
-    if unknown:
-        raise InvalidRow(f"{table} has no column(s) {', '.join(map(repr, unknown))}")
+    for k in row:
+        if k not in info.columns:
+            unknown = [c for c in row if c not in info.columns]
+            raise InvalidRow(f"{table} has no column(s) {', '.join(map(repr, unknown))}")
     if len(info.pk) == 1 and info.pk[0] not in row:
         if not info.integer_pk:
             row[info.pk[0]] = uuid.uuid4().hex
@@ -105,24 +128,24 @@ def _upsert(conn: sqlite3.Connection, schema: _Schema, table: str, data: Mapping
             raise InvalidRow(f"{table}: primary key column(s) {', '.join(missing)} missing")
     if not row:
         raise InvalidRow(f"no values given for {table!r}")
-    cols = list(row)
+    cols = tuple(row)
     values = [_to_sqlite(table, c, row[c]) for c in cols]
-    q = quote_identifier
-    sql = f"INSERT INTO {q(table)} ({', '.join(map(q, cols))}) VALUES ({', '.join('?' * len(cols))})"
-    if info.pk:
-        updates = [c for c in cols if c not in info.pk]
-        target = ", ".join(map(q, info.pk))
-        if updates:
-            sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in updates)
-            sql += f" ON CONFLICT ({target}) DO UPDATE SET {sets}"
-        else:
-            sql += f" ON CONFLICT ({target}) DO NOTHING"
-    cur = conn.execute(sql, values)
+    cur = conn.execute(schema.upsert_sql(info, cols), values)
     if len(info.pk) == 1:
         return row.get(info.pk[0], cur.lastrowid)
     if not info.pk:
         return cur.lastrowid
     return tuple(row[c] for c in info.pk)
+
+
+def _upsert_one(conn: sqlite3.Connection, schema: _Schema, table: str, data: Mapping[str, Any]) -> RowId:
+    schema.refresh(conn)
+    return _upsert(conn, schema, table, data)
+
+
+def _upsert_many(conn: sqlite3.Connection, schema: _Schema, items: list[tuple[str, Mapping[str, Any]]]) -> list[RowId]:
+    schema.refresh(conn)
+    return [_upsert(conn, schema, t, d) for t, d in items]
 
 
 def _rows_as_dicts(cur: sqlite3.Cursor) -> list[dict[str, Any]]:
@@ -148,7 +171,7 @@ class Transaction:
     async def write_data(self, table: str, data: Mapping[str, Any]) -> RowId:
         schema = self._storage._schema
         try:
-            return await call_in_thread(self._conn, lambda c: _upsert(c, schema, table, data))
+            return await call_in_thread(self._conn, lambda c: _upsert_one(c, schema, table, data))
         except sqlite3.Error as exc:
             raise translate_sqlite_error(exc) from None
 
@@ -289,7 +312,7 @@ class AgentStorage:
         if not isinstance(data, Mapping):
             raise InvalidRow(f"data for {table!r} must be a dict of column -> value")
         schema = self._schema
-        return await self._store.write(lambda c: _upsert(c, schema, table, data))
+        return await self._store.write(lambda c: _upsert_one(c, schema, table, data), single_statement=True)
 
     async def batch_write(self, records: Iterable[Mapping[str, Any]]) -> list[RowId]:
         """Write `[{"table": ..., "data": {...}}, ...]` in one local transaction (all or nothing)."""
@@ -300,7 +323,7 @@ class AgentStorage:
                 raise InvalidRow(f"batch record {i} must be {{'table': str, 'data': dict}}")
             items.append((rec["table"], rec["data"]))
         schema = self._schema
-        return await self._store.write(lambda c: [_upsert(c, schema, t, d) for t, d in items])  # type: ignore[no-any-return]
+        return await self._store.write(lambda c: _upsert_many(c, schema, items))  # type: ignore[no-any-return]
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:

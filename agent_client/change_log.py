@@ -61,7 +61,6 @@ CREATE TABLE IF NOT EXISTS _cr_log (
     at REAL NOT NULL,
     {_VALUE_COLUMNS}
 );
-CREATE INDEX IF NOT EXISTS _cr_log_tx ON _cr_log (tx);
 CREATE TABLE IF NOT EXISTS _cr_schema_version (
     version INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
@@ -98,6 +97,9 @@ def init_schema(conn: sqlite3.Connection, agent_id: str) -> str:
     try:
         for stmt in _split_statements(INTERNAL_SCHEMA):
             conn.execute(stmt)
+        layout_cols = {str(r[1]) for r in conn.execute("PRAGMA table_info(_cr_layouts)")}
+        if "types" not in layout_cols:  # databases made before layouts carried declared types
+            conn.execute("ALTER TABLE _cr_layouts ADD COLUMN types TEXT NOT NULL DEFAULT '[]'")
         row = conn.execute("SELECT value FROM _cr_meta WHERE key = 'epoch'").fetchone()
         if row is None:
             epoch = secrets.token_hex(8)

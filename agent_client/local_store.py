@@ -69,7 +69,7 @@ class LocalStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: aiosqlite.Connection | None = None
-        self._pending: list[tuple[WriteFn, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[WriteFn, bool, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._exclusive = asyncio.Lock()
         self._closed = False
@@ -95,12 +95,16 @@ class LocalStore:
             except sqlite3.Error as exc:
                 raise translate_sqlite_error(exc) from None
 
-    async def write(self, fn: WriteFn) -> Any:
-        """Run `fn` inside a group-committed transaction; returns its result once committed."""
+    async def write(self, fn: WriteFn, *, single_statement: bool = False) -> Any:
+        """Run `fn` inside a group-committed transaction; returns its result once committed.
+
+        `single_statement`: fn makes at most one modifying statement, which SQLite
+        already undoes by itself on error, so it needs no savepoint of its own.
+        """
         if self._closed or self._conn is None:
             raise StorageClosed("storage is closed")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((fn, fut))
+        self._pending.append((fn, single_statement, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop())
         return await fut
@@ -109,16 +113,16 @@ class LocalStore:
         while self._pending:
             async with self._exclusive:
                 batch, self._pending = self._pending[:_MAX_GROUP], self._pending[_MAX_GROUP:]
-                fns = [fn for fn, _ in batch]
+                fns = [(fn, single) for fn, single, _ in batch]
                 try:
-                    outcomes = await call_in_thread(self.conn, lambda c: _run_group(c, fns))
+                    outcomes = await call_in_thread(self.conn, lambda c: _run_group(c, fns))  # noqa: B023
                 except BaseException as exc:  # commit failed: nothing in the group was written
                     err = translate_sqlite_error(exc)
-                    for _, fut in batch:
+                    for _, _, fut in batch:
                         if not fut.done():
                             fut.set_exception(err)
                     continue
-            for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+            for (_, _, fut), (ok, value) in zip(batch, outcomes, strict=True):
                 if fut.done():
                     continue
                 if ok:
@@ -162,25 +166,31 @@ class LocalStore:
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close()
-        for _, fut in self._pending:
+        for _, _, fut in self._pending:
             if not fut.done():
                 fut.set_exception(StorageClosed("storage closed before the write ran"))
         self._pending = []
 
 
-def _run_group(conn: sqlite3.Connection, fns: list[WriteFn]) -> list[tuple[bool, Any]]:
-    """One transaction for many writes; each write in its own savepoint when there are several."""
+def _run_group(conn: sqlite3.Connection, fns: list[tuple[WriteFn, bool]]) -> list[tuple[bool, Any]]:
+    """One transaction for many writes; each multi-statement write in its own savepoint."""
     outcomes: list[tuple[bool, Any]] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
         if len(fns) == 1:
             try:
-                outcomes.append((True, fns[0](conn)))
+                outcomes.append((True, fns[0][0](conn)))
             except Exception as exc:
                 conn.execute("ROLLBACK")
                 return [(False, exc)]
         else:
-            for fn in fns:
+            for fn, single in fns:
+                if single:
+                    try:
+                        outcomes.append((True, fn(conn)))
+                    except Exception as exc:
+                        outcomes.append((False, exc))
+                    continue
                 conn.execute("SAVEPOINT w")
                 try:
                     outcomes.append((True, fn(conn)))

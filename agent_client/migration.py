@@ -32,26 +32,32 @@ class Migration:
 def _statements(sql: str) -> list[str]:
     out: list[str] = []
     buf = ""
-    for line in sql.splitlines(keepends=True):
-        buf += line
+    # Cut at each ';' that completes a statement (not per line: `ALTER ...; UPDATE ...;` on one line is
+    # two statements), so a ';' inside a string, a comment or a trigger body does not cut.
+    pieces = sql.split(";")
+    for piece in pieces[:-1]:
+        buf += piece + ";"
         if sqlite3.complete_statement(buf):
             out.append(buf.strip())
             buf = ""
+    buf += pieces[-1]
     if buf.strip():
-        if not sqlite3.complete_statement(buf + ";"):
+        if not sqlite3.complete_statement(buf + "\n;"):
             raise MigrationFailed(f"incomplete SQL statement: {buf.strip()[:80]!r}")
         out.append(buf.strip())
     return [s for s in out if s.strip(" ;\n\t")]
 
 
 def check_migrations(migrations: Iterable[Migration]) -> list[Migration]:
-    ordered = sorted(migrations, key=lambda m: m.version)
-    seen: set[int] = set()
-    for m in ordered:
+    given = list(migrations)
+    for m in given:  # before sorting: sorting needs comparable integer versions
         if not isinstance(m, Migration):
             raise MigrationFailed(f"not a Migration: {m!r}")
         if not isinstance(m.version, int) or isinstance(m.version, bool) or m.version < 1:
             raise MigrationFailed(f"migration version must be a positive integer, got {m.version!r}")
+    ordered = sorted(given, key=lambda m: m.version)
+    seen: set[int] = set()
+    for m in ordered:
         if m.version in seen:
             raise MigrationFailed(f"migration version {m.version} given twice")
         if not isinstance(m.sql, str) or not m.sql.strip():

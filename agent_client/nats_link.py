@@ -52,6 +52,8 @@ class NatsLink:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._on_connect: list[Any] = []
+        #: bumped on every disconnect: a publish made before it may have been lost with the old socket
+        self.generation = 0
 
     @property
     def connected(self) -> bool:
@@ -104,6 +106,10 @@ class NatsLink:
                         connect_timeout=2,
                         ping_interval=5,
                         max_outstanding_pings=3,
+                        # No client-side buffer while reconnecting: publishes fail fast and the change
+                        # log is the only buffer. nats-py would otherwise replay records published during
+                        # an outage on reconnect, ahead of an earlier record lost with the old socket.
+                        pending_size=0,
                         error_cb=self._on_error,
                         disconnected_cb=self._on_disconnected,
                         reconnected_cb=self._on_reconnected,
@@ -130,6 +136,7 @@ class NatsLink:
         log.debug("nats error: %r", exc)
 
     async def _on_disconnected(self) -> None:
+        self.generation += 1
         log.debug("nats disconnected")
 
     async def _on_reconnected(self) -> None:

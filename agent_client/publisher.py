@@ -119,6 +119,7 @@ class Publisher:
         self._cursor = 0
         self._carry: _Chunk | None = None
         self._in_flight: deque[_InFlight] = deque()
+        self._generation = link.generation  # the connection the in-flight records were sent on
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -189,6 +190,7 @@ class Publisher:
                 await asyncio.sleep(next(delays))
 
     def _rewind(self) -> None:
+        self._generation = self.link.generation
         self._drop_in_flight()
         self._cursor = self.acked_seq
         self._carry = None
@@ -202,7 +204,7 @@ class Publisher:
     async def _close_open_group(self) -> None:
         assert self._reader is not None
         if await call_in_thread(self._reader, _open_group_has_rows):
-            await self.store.write(_bump_clock)
+            await self.store.write(_bump_clock, single_statement=True)
 
     async def _pump(self) -> None:
         """Publish whatever closed groups are available, keeping up to max_in_flight records unacked."""
@@ -229,6 +231,10 @@ class Publisher:
         js = self.link.js
         if js is None:
             raise PublishFailed("not connected")
+        if self._generation != self.link.generation:
+            # Records in flight on the lost connection may never be stored: publishing later ones now
+            # would put them on the stream ahead of those. Resend from the first unacknowledged change.
+            raise PublishFailed("the NATS connection was lost while records were in flight")
         while len(self._in_flight) >= self.max_in_flight:
             await self._await_head()
         fut = await js.publish_async(
@@ -278,7 +284,9 @@ class Publisher:
             return
         if acked - self._trimmed_seq < 2000 and time.monotonic() - self._last_trim < 0.25:
             return
-        await self.store.write(lambda c: c.execute("DELETE FROM _cr_log WHERE seq <= ?", (acked,)))
+        await self.store.write(
+            lambda c: c.execute("DELETE FROM _cr_log WHERE seq <= ?", (acked,)), single_statement=True
+        )
         self._trimmed_seq = acked
         self._last_trim = time.monotonic()
 
@@ -369,8 +377,9 @@ def _log_bounds(conn: sqlite3.Connection) -> tuple[int, int]:
 
 
 def _open_group_has_rows(conn: sqlite3.Connection) -> bool:
+    # tx never decreases along seq, so the newest row tells whether the open group has rows.
     row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM _cr_log WHERE tx >= (SELECT tx FROM _cr_clock WHERE id = 1))"
+        "SELECT (SELECT tx FROM _cr_log ORDER BY seq DESC LIMIT 1) >= (SELECT tx FROM _cr_clock WHERE id = 1)"
     ).fetchone()
     return bool(row[0])
 

@@ -1,0 +1,270 @@
+"""Read an agent's change records back from the AGENT_CHANGES stream, and compare them with SQLite.
+
+Everything here talks to a real nats-server (ordered consumer, no mocks) and to real SQLite files, so the
+agent-side tests can check what actually went over the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import sqlite3
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy, PubAck
+
+from agent_client import (
+    STREAM_NAME,
+    AgentStorage,
+    ChangeRecord,
+    TableLayout,
+    changes_subject,
+    decode_record,
+    decode_value,
+    msg_id,
+)
+
+SQLiteValue = int | float | str | bytes | None
+
+
+@dataclass(frozen=True)
+class StreamMessage:
+    """One message of an agent's subject, as stored by JetStream."""
+
+    stream_seq: int
+    msg_id: str | None
+    data: bytes
+    record: ChangeRecord
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change of a record, with its values decoded (agent_client.decode_value)."""
+
+    seq: int
+    op: str
+    layout: TableLayout
+    values: list[SQLiteValue]
+    record_index: int
+
+    @property
+    def table(self) -> str:
+        return self.layout.table
+
+
+@contextlib.asynccontextmanager
+async def jetstream(url: str) -> AsyncIterator[JetStreamContext]:
+    """A short-lived client connection (no reconnects: a test wants to see failures)."""
+    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=3, name="test-stream-reader")
+    try:
+        yield nc.jetstream(timeout=10)
+    finally:
+        await nc.close()
+
+
+async def subject_message_count(js: JetStreamContext, subject: str) -> int:
+    try:
+        info = await js.stream_info(STREAM_NAME, subjects_filter=subject)
+    except nats.js.errors.NotFoundError:
+        return 0
+    return int((info.state.subjects or {}).get(subject, 0))
+
+
+async def stream_message_count(url: str) -> int:
+    """Messages in the whole AGENT_CHANGES stream (0 if it does not exist yet)."""
+    async with jetstream(url) as js:
+        try:
+            info = await js.stream_info(STREAM_NAME)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(info.state.messages)
+
+
+async def read_agent_stream(url: str, agent_id: str, timeout: float = 10.0) -> list[StreamMessage]:
+    """Every message on `agents.<agent_id>.changes`, in stream order, decoded with decode_record.
+
+    Uses an ordered (ephemeral, flow-controlled) consumer from the first message and reads until the
+    consumer reports nothing pending. Raises if a message is not a valid change record.
+    """
+    subject = changes_subject(agent_id)
+    out: list[StreamMessage] = []
+    async with jetstream(url) as js:
+        expected = await subject_message_count(js, subject)
+        if expected == 0:
+            return out
+        sub = await js.subscribe(
+            subject, stream=STREAM_NAME, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=timeout)
+                meta = msg.metadata
+                record = decode_record(msg.data)
+                if not isinstance(record, ChangeRecord):
+                    raise AssertionError(f"stream message {meta.sequence.stream} is not a change record")
+                headers = msg.headers or {}
+                out.append(StreamMessage(meta.sequence.stream, headers.get("Nats-Msg-Id"), msg.data, record))
+                if len(out) >= expected and meta.num_pending == 0:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+    seqs = [m.stream_seq for m in out]
+    if seqs != sorted(set(seqs)):
+        raise AssertionError(f"ordered consumer delivered stream sequences out of order: {seqs}")
+    return out
+
+
+async def publish_raw(url: str, subject: str, payload: bytes, message_id: str) -> PubAck:
+    """Publish bytes by hand with a Nats-Msg-Id header (to probe JetStream dedup)."""
+    async with jetstream(url) as js:
+        return await js.publish(subject, payload, headers={"Nats-Msg-Id": message_id}, timeout=10)
+
+
+def flatten(messages: Iterable[StreamMessage]) -> list[Change]:
+    """All changes of all records, in stream order, values decoded."""
+    out: list[Change] = []
+    for index, message in enumerate(messages):
+        record = message.record
+        for seq, op, layout_id, values in record.changes:
+            layout = record.layouts[str(layout_id)]
+            decoded = [decode_value(v) for v in values] if op in ("U", "D") else list(values)
+            out.append(Change(seq, op, layout, decoded, index))
+    return out
+
+
+def assert_exactly_once(
+    messages: list[StreamMessage], agent_id: str, epoch: str, last_seq: int
+) -> None:
+    """Records of `epoch` cover 1..last_seq exactly once, in order, each with its deterministic Nats-Msg-Id."""
+    mine = [m for m in messages if m.record.epoch == epoch]
+    seen: list[int] = []
+    for m in mine:
+        rec = m.record
+        assert rec.agent_id == agent_id, f"record of agent {rec.agent_id!r} on {agent_id!r}'s subject"
+        assert m.msg_id == msg_id(agent_id, epoch, rec.first_seq, rec.last_seq), (
+            f"stream seq {m.stream_seq}: Nats-Msg-Id {m.msg_id!r} does not name {rec.first_seq}-{rec.last_seq}"
+        )
+        seen.extend(seq for seq, _op, _lid, _vals in rec.changes)
+    duplicates = sorted({s for s in seen if seen.count(s) > 1}) if len(seen) != len(set(seen)) else []
+    assert not duplicates, f"change sequences published twice: {duplicates[:20]}"
+    breaks = [
+        f"stream #{b.stream_seq} ({b.record.first_seq}-{b.record.last_seq}) after "
+        f"#{a.stream_seq} ({a.record.first_seq}-{a.record.last_seq})"
+        for a, b in itertools.pairwise(mine)
+        if b.record.first_seq != a.record.last_seq + 1
+    ]
+    assert not breaks, f"records out of order on the stream ({len(mine)} records): {'; '.join(breaks[:10])}"
+    assert seen == list(range(1, last_seq + 1)), (
+        f"stream holds {len(seen)} changes ({seen[:3]}..{seen[-3:]}), expected exactly 1..{last_seq}"
+    )
+
+
+def same_value(a: object, b: object) -> bool:
+    """Equal with the same Python type; floats compared bit-for-bit in sign (so 0.0 != -0.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float) and isinstance(b, float):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    return a == b
+
+
+def replay(changes: Iterable[Change]) -> dict[str, dict[tuple[Any, ...], dict[str, SQLiteValue]]]:
+    """Apply changes as the HTPC would: S recreates a table empty, U upserts, D deletes, X forgets."""
+    tables: dict[str, dict[tuple[Any, ...], dict[str, SQLiteValue]]] = {}
+    for ch in changes:
+        layout = ch.layout
+        if ch.op == "S":
+            tables[layout.table] = {}
+        elif ch.op == "X":
+            tables.pop(layout.table, None)
+        elif ch.op == "U":
+            row = dict(zip(layout.columns, ch.values, strict=True))
+            key = tuple(_key_part(row[c]) for c in layout.pk)
+            tables.setdefault(layout.table, {})[key] = row
+        elif ch.op == "D":
+            key = tuple(_key_part(v) for v in ch.values)
+            tables.get(layout.table, {}).pop(key, None)
+    return tables
+
+
+def _key_part(value: SQLiteValue) -> Any:
+    # Keys are compared by type and value, so 1 and 1.0 (or 0.0 and -0.0) stay distinct.
+    return (type(value).__name__, value)
+
+
+def local_rows(db_path: Path, table: str) -> dict[tuple[Any, ...], dict[str, SQLiteValue]]:
+    """A table of the agent's SQLite file, keyed like replay() (read with a separate connection)."""
+    conn = sqlite3.connect(db_path, timeout=10)
+    try:
+        cols = conn.execute("SELECT name, pk FROM pragma_table_info(?)", (table,)).fetchall()
+        names = [str(c[0]) for c in cols]
+        pk = [str(c[0]) for c in sorted((c for c in cols if c[1] > 0), key=lambda c: int(c[1]))]
+        quoted = ", ".join(f'"{n}"' for n in names)
+        out: dict[tuple[Any, ...], dict[str, SQLiteValue]] = {}
+        for values in conn.execute(f'SELECT {quoted} FROM "{table}"'):
+            row = dict(zip(names, values, strict=True))
+            out[tuple(_key_part(row[c]) for c in pk)] = row
+        return out
+    finally:
+        conn.close()
+
+
+def assert_rows_identical(
+    replicated: dict[tuple[Any, ...], dict[str, SQLiteValue]], local: dict[tuple[Any, ...], dict[str, SQLiteValue]]
+) -> None:
+    assert replicated.keys() == local.keys(), (
+        f"keys differ: only on stream {sorted(replicated.keys() - local.keys(), key=repr)[:5]}, "
+        f"only local {sorted(local.keys() - replicated.keys(), key=repr)[:5]}"
+    )
+    for key, row in local.items():
+        other = replicated[key]
+        assert other.keys() == row.keys(), f"row {key}: columns {sorted(other)} != {sorted(row)}"
+        for col, value in row.items():
+            assert same_value(other[col], value), (
+                f"row {key} column {col}: stream has {other[col]!r} ({type(other[col]).__name__}), "
+                f"local has {value!r} ({type(value).__name__})"
+            )
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> None:
+    """Poll an (async or sync) predicate until true, failing after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def storage(tmp_path: Path, url: str | None, agent_id: str = "agent-1", **kwargs: Any) -> AgentStorage:
+    """An AgentStorage on `tmp_path/agents` (not yet opened; use `async with`)."""
+    return AgentStorage(agent_id, tmp_path / "agents", nats_url=url, **kwargs)
+
+
+async def create_tables(st: AgentStorage, *ddl: str, always: Iterable[str] = ()) -> None:
+    """Run DDL in one local transaction, then declare the given tables `always`."""
+    async with st.transaction() as tx:
+        for statement in ddl:
+            await tx.execute(statement)
+    for table in always:
+        await st.set_visibility(table, "always")
+
+
+def changes_of(messages: Iterable[StreamMessage], table: str) -> list[Change]:
+    return [c for c in flatten(messages) if c.table == table]
