@@ -17,6 +17,7 @@ from .change_record import (
 from .errors import (
     AgentStorageError,
     ConstraintViolation,
+    CredentialsError,
     FlushTimeout,
     HTPCUnavailable,
     InvalidAgentId,
@@ -50,6 +51,7 @@ __all__ = [
     "AgentStorageError",
     "ChangeRecord",
     "ConstraintViolation",
+    "CredentialsError",
     "FlushTimeout",
     "HTPCUnavailable",
     "InvalidAgentId",

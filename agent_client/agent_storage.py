@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -27,6 +28,7 @@ from . import change_log
 from .agent_id import validate_agent_id
 from .errors import (
     FlushTimeout,
+    CredentialsError,
     HTPCUnavailable,
     InvalidRow,
     NetworkQueryError,
@@ -45,6 +47,18 @@ log = logging.getLogger("agent_client")
 
 _I64 = (-(2**63), 2**63 - 1)
 RowId = Any
+
+
+def _read_seed(value: str | None, file: str | Path | None) -> str | None:
+    if value:
+        return value.strip()
+    if file:
+        try:
+            lines = [ln.strip() for ln in Path(file).read_text().splitlines() if ln.strip()]
+        except OSError as exc:
+            raise CredentialsError(f"cannot read the NATS nkey seed file {file}: {exc}") from None
+        return lines[0] if lines else None
+    return None
 
 
 def _to_sqlite(table: str, column: str, value: Any) -> Any:
@@ -192,10 +206,17 @@ class AgentStorage:
         *,
         replicate: bool = True,
         nats_options: dict[str, Any] | None = None,
+        nats_seed: str | None = None,
+        nats_seed_file: str | Path | None = None,
+        htpc_token: str | None = None,
+        htpc_verify: bool | str = True,
         max_record_bytes: int = 256 * 1024,
         max_in_flight: int = 32,
         http_timeout: float = 5.0,
     ) -> None:
+        """Credentials come from the arguments or the environment: `COMMANDER_NATS_SEED` (an nkey seed),
+        `COMMANDER_NATS_SEED_FILE` (a file holding one) and `COMMANDER_HTPC_TOKEN` (the relay API token);
+        `nats_options` passes anything else to nats.connect (e.g. `tls=ssl_context`)."""
         self.agent_id = validate_agent_id(agent_id)
         self.data_dir = Path(data_dir)
         self.db_path = self.data_dir / f"{self.agent_id}.db"
@@ -205,8 +226,18 @@ class AgentStorage:
         self.epoch = ""
         self._store = LocalStore(self.db_path)
         self._schema = _Schema()
+        options = dict(nats_options or {})
+        seed = _read_seed(nats_seed or os.environ.get("COMMANDER_NATS_SEED"),
+                          nats_seed_file or os.environ.get("COMMANDER_NATS_SEED_FILE"))
+        if seed:
+            options.setdefault("nkeys_seed_str", seed)
+        # Replies come to an inbox only this agent may subscribe to (see `replicator auth`).
+        options.setdefault("inbox_prefix", f"_INBOX_{self.agent_id}")
+        self._htpc_token = htpc_token or os.environ.get("COMMANDER_HTPC_TOKEN")
+        self._htpc_verify = htpc_verify
         self._link = NatsLink(
-            nats_url=nats_url, htpc_url=self.htpc_url, name=f"agent:{self.agent_id}", connect_options=nats_options
+            nats_url=nats_url, htpc_url=self.htpc_url, name=f"agent:{self.agent_id}", connect_options=options,
+            http_verify=htpc_verify,
         )
         self._publisher: Publisher | None = None
         self._responder = QueryResponder(self.agent_id, self.db_path)
@@ -387,7 +418,8 @@ class AgentStorage:
         if timeout_ms is not None:
             payload["timeout_ms"] = timeout_ms
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self._http_timeout)
+            headers = {"Authorization": f"Bearer {self._htpc_token}"} if self._htpc_token else {}
+            self._http = httpx.AsyncClient(timeout=self._http_timeout, headers=headers, verify=self._htpc_verify)
         try:
             resp = await self._http.post(f"{self.htpc_url}/relay/query", json=payload)
         except httpx.HTTPError as exc:

@@ -21,7 +21,7 @@ from .agent_id import AGENT_ID_PATTERN
 from .errors import RecordDecodeError
 from .identifiers import is_valid_identifier
 
-RECORD_VERSION = 1
+RECORD_VERSION: Literal[1] = 1
 
 #: Change operations. U: upsert the full row image; D: delete by primary key;
 #: S: (re)create the table empty from `sql` (a snapshot's rows follow);

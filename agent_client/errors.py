@@ -100,3 +100,7 @@ class QueryTimeout(QueryError, TimeoutError):
     """The query ran past its time bound and was interrupted."""
 
     code = "query_timeout"
+
+
+class CredentialsError(AgentStorageError):
+    """The agent's NATS or HTPC credentials could not be read."""

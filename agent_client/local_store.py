@@ -62,7 +62,7 @@ async def call_in_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Conne
     commit, a migration) must run without yielding between statements, which
     its queue-a-callable method provides.
     """
-    return await conn._execute(lambda: fn(conn._conn))  # type: ignore[no-any-return]
+    return await conn._execute(lambda: fn(conn._conn))  # type: ignore[no-any-return,no-untyped-call]
 
 
 class LocalStore:

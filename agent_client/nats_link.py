@@ -40,11 +40,13 @@ class NatsLink:
         htpc_url: str | None,
         name: str,
         connect_options: dict[str, Any] | None = None,
+        http_verify: bool | str = True,
     ) -> None:
         self.nats_url = nats_url
         self.htpc_url = htpc_url.rstrip("/") if htpc_url else None
         self.name = name
         self.connect_options = connect_options or {}
+        self.http_verify = http_verify
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
         self.last_error: str | None = None
@@ -79,7 +81,7 @@ class NatsLink:
             self.last_error = "no nats_url given and no htpc_url to learn it from"
             return None
         try:
-            async with httpx.AsyncClient(timeout=3.0) as client:
+            async with httpx.AsyncClient(timeout=3.0, verify=self.http_verify) as client:
                 resp = await client.get(f"{self.htpc_url}/relay/info")
                 resp.raise_for_status()
                 url = resp.json().get("nats_url")

@@ -14,9 +14,8 @@ class Visibility(StrEnum):
 
 
 def parse_visibility(value: object) -> Visibility:
-    try:
+    if isinstance(value, str) and value in Visibility._value2member_map_:
         return Visibility(value)
-    except ValueError:
-        raise InvalidVisibility(
-            f"invalid visibility {value!r}: expected one of {', '.join(v.value for v in Visibility)}"
-        ) from None
+    raise InvalidVisibility(
+        f"invalid visibility {value!r}: expected one of {', '.join(v.value for v in Visibility)}"
+    )

@@ -188,8 +188,14 @@ def _jetstream_probe(port: int, timeout: float = 1.0) -> str | None:
             line = stream.readline()
             if not line.startswith(b"INFO "):
                 return f"unexpected greeting {line[:60]!r}"
-            if not json.loads(line[5:]).get("jetstream"):
+            info = json.loads(line[5:])
+            if not info.get("jetstream"):
                 return "server runs without JetStream"
+            if info.get("auth_required"):
+                # A secured server (tests of `replicator auth`): the probe has no credentials, so an
+                # answering server with JetStream enabled is as ready as we can tell; the tests' own
+                # authenticated clients wait for the JetStream API themselves.
+                return None
             sock.sendall(
                 b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"no_responders":true,'
                 b'"protocol":1,"name":"nats-harness-probe"}\r\n'

@@ -1,0 +1,228 @@
+"""Who may do what: per-agent NATS credentials and relay API tokens.
+
+NATS: every agent gets its own nkey (an ed25519 key pair). nkeys rather than
+user/password because the server config then holds only public keys: nothing
+in it is a secret, and a leaked config cannot be replayed. An agent may
+publish only to `agents.<id>.changes`, subscribe only to `agents.<id>.query`
+and to its own inbox prefix `_INBOX_<id>` (so it cannot read other agents'
+replies), and answer requests it received (`allow_responses`). The
+replicator's own key may use only the JetStream API subjects of
+`AGENT_CHANGES`, the agents' subjects, and its own inbox.
+
+HTTP: bearer tokens, 32 random bytes each, stored as SHA-256 digests (they are
+high-entropy, so a fast hash is enough) and compared with
+`hmac.compare_digest` against every stored digest.
+
+Everything lives in `<data_dir>/auth/`: `auth.json` (public keys, token
+digests, sharing rules; mode 0600), `replicator.nk` (the replicator's seed)
+and `agents/<id>.nk` (seeds to hand to agents).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent_client.agent_id import validate_agent_id
+from agent_client.stream import STREAM_NAME
+
+from .errors import ReplicatorError
+
+REPLICATOR_INBOX = "_INBOX_replicator"
+
+
+def agent_inbox_prefix(agent_id: str) -> str:
+    return f"_INBOX_{agent_id}"
+
+
+class AuthError(ReplicatorError):
+    code = "auth_error"
+    status = 400
+
+
+class Unauthorized(ReplicatorError):
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(ReplicatorError):
+    code = "forbidden"
+    status = 403
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Whoever presented a valid token: an agent (scoped to its id) or an operator (everything)."""
+
+    kind: str  # "agent" | "operator"
+    name: str
+
+    @property
+    def is_operator(self) -> bool:
+        return self.kind == "operator"
+
+
+def _new_user_seed() -> tuple[str, str]:
+    import nkeys
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key
+    return seed.decode(), public.decode()
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+class AuthStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.path = root / "auth.json"
+        self.data: dict[str, Any] = {"replicator": None, "agents": {}, "operators": {}}
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text())
+
+    @property
+    def initialized(self) -> bool:
+        return bool(self.data.get("replicator"))
+
+    def save(self) -> None:
+        _write_secret(self.path, json.dumps(self.data, indent=2, sort_keys=True))
+        _write_secret(self.root / "nats-authorization.conf", self.nats_authorization_conf())
+
+    def init(self) -> str:
+        """Create the replicator's key (idempotent). Returns the path of its seed file."""
+        seed_file = self.root / "replicator.nk"
+        if not self.initialized:
+            seed, public = _new_user_seed()
+            _write_secret(seed_file, seed + "\n")
+            self.data["replicator"] = {"nkey": public}
+            self.save()
+        return str(seed_file)
+
+    def replicator_seed_file(self) -> Path:
+        return self.root / "replicator.nk"
+
+    def add_agent(self, agent_id: str, *, on_demand_readers: list[str] | None = None) -> tuple[str, str]:
+        """New credentials for an agent (replacing old ones): (nkey seed, API token)."""
+        validate_agent_id(agent_id)
+        for reader in on_demand_readers or []:
+            validate_agent_id(reader)
+        if not self.initialized:
+            self.init()
+        seed, public = _new_user_seed()
+        token = secrets.token_urlsafe(32)
+        self.data["agents"][agent_id] = {
+            "nkey": public,
+            "token_sha256": token_digest(token),
+            "on_demand_readers": sorted(set(on_demand_readers or [])),
+        }
+        _write_secret(self.root / "agents" / f"{agent_id}.nk", seed + "\n")
+        self.save()
+        return seed, token
+
+    def set_on_demand_readers(self, agent_id: str, readers: list[str]) -> None:
+        entry = self.data["agents"].get(agent_id)
+        if entry is None:
+            raise AuthError(f"no credentials for agent {agent_id!r}")
+        entry["on_demand_readers"] = sorted({validate_agent_id(r) for r in readers})
+        self.save()
+
+    def add_operator(self, name: str) -> str:
+        if not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise AuthError(f"invalid operator name {name!r}")
+        token = secrets.token_urlsafe(32)
+        self.data["operators"][name] = {"token_sha256": token_digest(token)}
+        self.save()
+        return token
+
+    def revoke(self, name: str) -> bool:
+        removed = self.data["agents"].pop(name, None) or self.data["operators"].pop(name, None)
+        if removed:
+            self.save()
+        return removed is not None
+
+    def authenticate(self, token: str | None) -> Principal | None:
+        """The principal holding `token`, or None. Compares against every digest (no early exit)."""
+        if not token:
+            return None
+        digest = token_digest(token)
+        found: Principal | None = None
+        for name, entry in self.data["agents"].items():
+            if hmac.compare_digest(digest, entry["token_sha256"]):
+                found = Principal("agent", name)
+        for name, entry in self.data["operators"].items():
+            if hmac.compare_digest(digest, entry["token_sha256"]):
+                found = Principal("operator", name)
+        return found
+
+    def may_read_on_demand(self, reader: str, owner: str) -> bool:
+        entry = self.data["agents"].get(owner) or {}
+        return reader == owner or reader in entry.get("on_demand_readers", [])
+
+    def nats_authorization_conf(self) -> str:
+        """The nats-server `authorization` block for every known key."""
+        users: list[str] = []
+        rep = self.data.get("replicator")
+        if rep:
+            js = f"$JS.API.{{}}.{STREAM_NAME}"
+            allow_pub = [
+                "$JS.API.INFO",
+                js.format("STREAM.INFO"),
+                js.format("STREAM.CREATE"),
+                js.format("STREAM.UPDATE"),
+                js.format("CONSUMER.INFO") + ".>",
+                js.format("CONSUMER.CREATE") + ".>",
+                js.format("CONSUMER.DURABLE.CREATE") + ".>",
+                js.format("CONSUMER.DELETE") + ".>",
+                js.format("CONSUMER.MSG.NEXT") + ".>",
+                f"$JS.ACK.{STREAM_NAME}.>",
+                "agents.*.changes",
+                "agents.*.query",
+            ]
+            users.append(_user(rep["nkey"], allow_pub, [f"{REPLICATOR_INBOX}.>"], responses=False))
+        for agent_id, entry in sorted(self.data["agents"].items()):
+            users.append(
+                _user(
+                    entry["nkey"],
+                    [f"agents.{agent_id}.changes", "$JS.API.INFO", f"$JS.API.STREAM.INFO.{STREAM_NAME}"],
+                    [f"agents.{agent_id}.query", f"{agent_inbox_prefix(agent_id)}.>"],
+                    responses=True,
+                )
+            )
+        body = ",\n".join(users)
+        return f"# generated by `replicator auth`; do not edit\nauthorization {{\n  users = [\n{body}\n  ]\n}}\n"
+
+
+def _user(nkey: str, publish: list[str], subscribe: list[str], *, responses: bool) -> str:
+    pub = ", ".join(json.dumps(s) for s in publish)
+    sub = ", ".join(json.dumps(s) for s in subscribe)
+    extra = ", allow_responses: true" if responses else ""
+    return (
+        f'    {{ nkey: "{nkey}", permissions: {{ publish: {{ allow: [{pub}] }}, '
+        f"subscribe: {{ allow: [{sub}] }}{extra} }} }}"
+    )
+
+
+def load_seed(value: str | None = None, file: str | Path | None = None) -> str | None:
+    """An nkey seed from a value or a file (first non-empty line)."""
+    if value:
+        return value.strip()
+    if file:
+        for line in Path(file).read_text().splitlines():
+            if line.strip():
+                return line.strip()
+    return None
