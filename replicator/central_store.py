@@ -14,6 +14,7 @@ thread; readers use their own read-only connections.
 from __future__ import annotations
 
 import enum
+import math
 import re
 import sqlite3
 import time
@@ -35,6 +36,8 @@ _STATE_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS _cr_tables (name TEXT PRIMARY KEY, source TEXT NOT NULL, visibility TEXT NOT NULL,"
     " columns TEXT NOT NULL, types TEXT NOT NULL, pk TEXT NOT NULL, sql TEXT) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS _cr_epochs (epoch TEXT PRIMARY KEY, retired_at REAL NOT NULL) WITHOUT ROWID",
+    # Relay records carry no sequence: the stream sequences of those applied (and maybe not yet acked) dedup them.
+    "CREATE TABLE IF NOT EXISTS _cr_relay_seen (stream_seq INTEGER PRIMARY KEY) WITHOUT ROWID",
 )
 _TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_ ]{0,40}(\(\s*[+-]?\d{1,10}\s*(,\s*[+-]?\d{1,10}\s*)?\))?")
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -77,7 +80,17 @@ def _fast_decode(values: list[Any]) -> list[Any]:
 
 def relay_value(table: str, column: str, value: Any) -> Any:
     """A JSON value from the HTTP relay -> SQLite value (lists/dicts become JSON text)."""
-    if value is None or isinstance(value, str | float):
+    if value is None:
+        return value
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RecordRejected(f"{table}.{column}: text is not valid Unicode (lone surrogate)") from None
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):  # NaN/Infinity/1e400 parse, but would reach the stream as null
+            raise RecordRejected(f"{table}.{column}: {value} is not a finite number")
         return value
     if isinstance(value, bool):
         return int(value)
@@ -86,7 +99,10 @@ def relay_value(table: str, column: str, value: Any) -> Any:
             raise RecordRejected(f"{table}.{column}: integer does not fit in 64 bits")
         return value
     if isinstance(value, list | dict):
-        return orjson.dumps(value).decode()
+        try:
+            return orjson.dumps(value).decode()
+        except orjson.JSONEncodeError as exc:  # lone surrogates, nesting deeper than 255
+            raise RecordRejected(f"{table}.{column}: cannot store as JSON text: {exc}") from None
     raise RecordRejected(f"{table}.{column}: unsupported value {type(value).__name__}")
 
 
@@ -110,6 +126,7 @@ class AgentReplica:
         self.applied_at: float | None = state.get("applied_at")
         self.records_applied: int = int(state.get("records_applied", 0))
         self.changes_applied: int = int(state.get("changes_applied", 0))
+        self.blocked: str | None = state.get("blocked")  # why later changes wait behind a dead letter
         self.head_seq: int = self.watermark
         self.last_seen: float | None = self.applied_at
         self.tables: dict[str, TableMeta] = self._load_tables()
@@ -187,6 +204,14 @@ class AgentReplica:
             self._saved = None
             self._stmt_cache.clear()
         self.open_group = False
+
+    def set_blocked(self, reason: str | None) -> None:
+        """Record (inside the open transaction) that this agent's order is broken by a dead letter, or no more."""
+        if reason is None:
+            self.conn.execute("DELETE FROM _cr_state WHERE key = 'blocked'")
+        else:
+            self.conn.execute("INSERT OR REPLACE INTO _cr_state (key, value) VALUES ('blocked', ?)", (reason,))
+        self.blocked = reason
 
     def savepoint(self) -> None:
         self.conn.execute("SAVEPOINT rec")
@@ -359,8 +384,12 @@ class AgentReplica:
         )
 
     # -------------------------------------------------------------- relay records
-    def apply_relay(self, rec: RelayRecord) -> Outcome:
+    def apply_relay(self, rec: RelayRecord, stream_seq: int | None = None) -> Outcome:
         self.last_seen = time.time()
+        if stream_seq is not None:
+            seen = self.conn.execute("INSERT OR IGNORE INTO _cr_relay_seen (stream_seq) VALUES (?)", (stream_seq,))
+            if seen.rowcount == 0:
+                return Outcome.DUPLICATE  # committed before, its ack was lost: a redelivery
         for row in rec.rows:
             self._relay_row(row.table, row.data)
         self.records_applied += 1
@@ -465,6 +494,12 @@ class CentralStore:
             rep = AgentReplica(agent_id, self.path_for(agent_id))
             self.replicas[agent_id] = rep
         return rep
+
+    def forget_relay_seen(self, ack_floor: int) -> None:
+        """Relay records at or below the consumer's ack floor are never redelivered: drop their dedup entries."""
+        for rep in list(self.replicas.values()):
+            if not rep.in_txn:
+                rep.conn.execute("DELETE FROM _cr_relay_seen WHERE stream_seq <= ?", (ack_floor,))
 
     def agent_ids(self) -> list[str]:
         return sorted(self.replicas)

@@ -113,7 +113,9 @@ class Consumer:
         self.deliver_policy = deliver_policy
         self.opt_start_seq = opt_start_seq
         self.stats = ConsumerStats()
-        self.blocked: dict[str, str] = {}
+        self.blocked: dict[str, str] = {a: r.blocked for a, r in store.replicas.items() if r.blocked}
+        self._relay_pruned = time.monotonic()
+        self._parked: dict[str, set[int]] = defaultdict(set)  # stream seqs nak'ed behind a blocked agent's dead letter
         self.running = False
         self.max_stream_seq = 0
         self.last_error: str | None = None
@@ -198,16 +200,25 @@ class Consumer:
                 await self._touch_held()
                 if msgs:
                     await self._handle(msgs)
+                    if until_idle and self._all_parked(msgs) and await self._idle():
+                        return  # only records waiting behind a dead letter keep coming back
                 else:
                     await self._expire_open_groups()
+                    await self._forget_acked_relay()
                     if until_idle and await self._idle():
                         return
         finally:
             self.running = False
 
+    def _all_parked(self, msgs: list[Msg]) -> bool:
+        parked = {seq for agent, seqs in self._parked.items() if agent in self.blocked for seq in seqs}
+        return all(m.reply and m.metadata.sequence.stream in parked for m in msgs)
+
     async def _idle(self) -> bool:
         info = await self._sub.consumer_info()
-        return bool(info.num_pending == 0 and info.num_ack_pending == 0 and not self._held)
+        # Records waiting behind a dead letter stay unacked for good: they must not keep a rebuild from finishing.
+        parked = sum(len(seqs) for agent, seqs in self._parked.items() if agent in self.blocked)
+        return bool(info.num_pending == 0 and info.num_ack_pending <= parked and not self._held)
 
     async def _fetch(self) -> list[Msg]:
         try:
@@ -277,6 +288,20 @@ class Consumer:
             for m in msgs:
                 with contextlib.suppress(Exception):
                     await m.in_progress()
+
+    async def _forget_acked_relay(self) -> None:
+        now = time.monotonic()
+        if self._sub is None or now - self._relay_pruned < 60:
+            return
+        self._relay_pruned = now
+        try:
+            info = await self._sub.consumer_info()
+        except Exception:  # only housekeeping: next time
+            return
+        if info.ack_floor is not None and info.ack_floor.stream_seq:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.store.forget_relay_seen, info.ack_floor.stream_seq
+            )
 
     async def _expire_open_groups(self) -> None:
         now = time.monotonic()
@@ -369,6 +394,8 @@ class Consumer:
                 return ACK, rec.agent_id
             if outcome is Outcome.GAP:
                 self.stats.gaps += 1
+                if rec.agent_id in self.blocked and item.stream_seq is not None:
+                    self._parked[rec.agent_id].add(item.stream_seq)
                 return NAK, rec.agent_id
         rep.begin()
         touched[rep.agent_id] = rep
@@ -376,16 +403,20 @@ class Consumer:
         rep.savepoint()
         try:
             if isinstance(rec, RelayRecord):
-                outcome = rep.apply_relay(rec)
+                outcome = rep.apply_relay(rec, item.stream_seq)
             else:
                 outcome = rep.apply_changes(rec)
             rep.release()
+            if outcome is Outcome.DUPLICATE:
+                self.stats.duplicates += 1
+                return _APPLIED, rep.agent_id
         except RecordRejected as exc:
             rep.rollback_savepoint(saved)
             if isinstance(rec, ChangeRecord):
                 self.blocked[rep.agent_id] = (
                     f"changes {rec.first_seq}-{rec.last_seq} dead-lettered ({exc}); later changes wait behind them"
                 )
+                rep.set_blocked(self.blocked[rep.agent_id])  # survives a restart (committed with the batch)
             return self._dead(item, rep.agent_id, str(exc))
         except Exception as exc:  # unexpected (I/O): roll back and retry later rather than lose it
             rep.rollback_savepoint(saved)
@@ -393,5 +424,7 @@ class Consumer:
             log.error("%s", self.last_error)
             return NAK, rep.agent_id
         self.stats.applied += 1
-        self.blocked.pop(rep.agent_id, None)
+        if isinstance(rec, ChangeRecord) and self.blocked.pop(rep.agent_id, None) is not None:
+            rep.set_blocked(None)  # the sequence moved on (e.g. a new epoch): no longer blocked
+            self._parked.pop(rep.agent_id, None)
         return _APPLIED, rep.agent_id

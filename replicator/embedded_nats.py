@@ -54,8 +54,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedNats:
-    def __init__(self, root: Path, *, host: str = "127.0.0.1", port: int | None = None, max_payload_mb: int = 8) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        max_payload_mb: int = 8,
+        authorization: str | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+    ) -> None:
         self.root = root
+        self.authorization = authorization  # an `authorization { ... }` block from `replicator auth`
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
         self.host = host
         self.requested_port = port
         self.port = 0
@@ -68,7 +81,8 @@ class EmbeddedNats:
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"nats://{host}:{self.port}"
+        scheme = "tls" if self.tls_cert else "nats"
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -91,14 +105,27 @@ class EmbeddedNats:
         store = self.root / "jetstream"
         store.mkdir(parents=True, exist_ok=True)
         conf = self.root / "nats-server.conf"
-        conf.write_text(
+        text = (
             "# written by `replicator serve`; edit --nats-* flags instead\n"
             'server_name: "htpc-embedded"\n'
             f'listen: "{self.host}:{self.port}"\n'
             f"max_payload: {self.max_payload_mb}MB\n"
             f'jetstream {{\n  store_dir: "{store}"\n}}\n'
         )
+        if self.tls_cert and self.tls_key:
+            text += f'tls {{\n  cert_file: "{self.tls_cert}"\n  key_file: "{self.tls_key}"\n}}\n'
+        if self.authorization:
+            text += self.authorization
+        conf.write_text(text)
+        conf.chmod(0o600)
         return conf
+
+    def reload(self, authorization: str | None) -> None:
+        """New credentials: rewrite the config and let nats-server reload it (SIGHUP), keeping connections."""
+        self.authorization = authorization
+        self._write_config()
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGHUP)
 
     async def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

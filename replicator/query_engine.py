@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,54 @@ def table_references(sql: str) -> tuple[set[str], set[tuple[str | None, str]]]:
     return schemas, refs
 
 
+_PoolKey = tuple[Path | None, tuple[tuple[str, Path], ...]]
+
+
+class _ReadPool:
+    """Idle read-only connections by (main db, attached dbs): opening one costs more than most queries."""
+
+    def __init__(self, max_idle: int = 8) -> None:
+        self.max_idle = max_idle
+        self._idle: dict[_PoolKey, list[sqlite3.Connection]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, key: _PoolKey) -> sqlite3.Connection:
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                return idle.pop()
+        main_path, attach = key
+        target = f"file:{main_path}?mode=ro" if main_path is not None else "file::memory:?mode=ro"
+        conn = sqlite3.connect(target, uri=True, timeout=2.0, check_same_thread=False)
+        try:
+            for name, path in attach:
+                conn.execute("ATTACH DATABASE ? AS ?", (f"file:{path}?mode=ro", name))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def release(self, key: _PoolKey, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            conn.close()
+            return
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < self.max_idle and len(self._idle) <= 256:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for idle in self._idle.values():
+                for conn in idle:
+                    conn.close()
+            self._idle.clear()
+
+
 def _run(
+    pool: _ReadPool,
     main_path: Path | None,
     attach: dict[str, Path],
     sql: str,
@@ -107,20 +155,20 @@ def _run(
     timeout_s: float,
     max_rows: int,
 ) -> tuple[list[str], list[list[Any]], bool]:
-    target = f"file:{main_path}?mode=ro" if main_path is not None else "file::memory:?mode=ro"
-    conn = sqlite3.connect(target, uri=True, timeout=2.0, check_same_thread=False)
+    key: _PoolKey = (main_path, tuple(sorted(attach.items())))
+    conn = pool.acquire(key)
+    allowed_schemas = {"main", *attach}
+
+    def policy(db: str, table: str) -> bool:
+        return db in allowed_schemas and not table.startswith("_cr_")
+
     try:
-        for name, path in attach.items():
-            conn.execute("ATTACH DATABASE ? AS ?", (f"file:{path}?mode=ro", name))
-        allowed_schemas = {"main", "temp", *attach}
-
-        def policy(db: str, table: str) -> bool:
-            return db in allowed_schemas and not table.startswith("_cr_")
-
         result = run_read_only(conn, sql, params, policy=policy, timeout_s=timeout_s, max_rows=max_rows)
-        return result.columns, result.rows, result.truncated
-    finally:
+    except BaseException:
         conn.close()
+        raise
+    pool.release(key, conn)
+    return result.columns, result.rows, result.truncated
 
 
 class QueryEngine:
@@ -141,6 +189,7 @@ class QueryEngine:
         self.default_timeout_ms = default_timeout_ms
         self.max_timeout_ms = max_timeout_ms
         self.forwarded = 0
+        self._pool = _ReadPool()
 
     async def query(
         self,
@@ -157,12 +206,7 @@ class QueryEngine:
             raise InvalidAgent(f"invalid agent id {agent_id!r}")
         timeout_ms = min(timeout_ms or self.default_timeout_ms, self.max_timeout_ms)
         max_rows = min(max_rows or self.max_rows, self.max_rows)
-        schemas, refs = table_references(sql)
-        known = set(self.store.replicas)
-        forward_to = self._on_demand_owner(agent_id, refs, known)
-        if forward_to is not None:
-            return await self._forward(forward_to, sql, params, timeout_ms, max_rows)
-
+        # Wait first: an agent seen for the first time (or a table it just declared) only exists once applied.
         if min_seq is not None and min_seq > 0:
             if self.consumer is None:
                 raise NotYetReplicated("this replicator does not consume the stream; min_seq cannot be honoured")
@@ -171,14 +215,20 @@ class QueryEngine:
                 raise NotYetReplicated(
                     f"agent {agent_id} is applied up to {have}, not yet {min_seq}, after {timeout_ms} ms"
                 )
+        schemas, refs = table_references(sql)
+        known = set(self.store.replicas)
+        forward_to = self._on_demand_owner(agent_id, refs, known)
+        if forward_to is not None:
+            return await self._forward(forward_to, sql, params, timeout_ms, max_rows)
 
-        attach = {s: self.store.path_for(s) for s in schemas if s in known and s != agent_id}
+        # The asking agent's own id is attached too: `"me".t` must mean the same as `t` (same file, read-only).
+        attach = {s: self.store.path_for(s) for s in schemas if s in known}
         if len(attach) > MAX_ATTACHED:
             raise BadRequest(f"a query may name at most {MAX_ATTACHED} other agents")
         main_path = self.store.path_for(agent_id) if agent_id in known else None
         try:
             columns, rows, truncated = await asyncio.to_thread(
-                _run, main_path, attach, sql, params, timeout_ms / 1000, max_rows
+                _run, self._pool, main_path, attach, sql, params, timeout_ms / 1000, max_rows
             )
         except QueryError as exc:
             raise _query_error(exc) from None
@@ -227,9 +277,8 @@ class QueryEngine:
         except orjson.JSONDecodeError:
             raise AgentOffline(f"agent {owner} sent an unreadable answer") from None
         if "error" in reply:
-            err = BadRequest(f"agent {owner}: {reply.get('message')}")
-            err.code = str(reply["error"])
-            raise err
+            # Same code, same status as when the HTPC refuses it itself (403 not allowed, 408 timeout).
+            raise _query_error(QueryError(f"agent {owner}: {reply.get('message')}"), code=str(reply["error"]))
         return {
             "columns": reply.get("columns", []),
             "rows": reply.get("rows", []),
@@ -239,11 +288,15 @@ class QueryEngine:
         }
 
 
-def _query_error(exc: QueryError) -> ReplicatorError:
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _query_error(exc: QueryError, code: str | None = None) -> ReplicatorError:
     err = BadRequest(str(exc))
-    err.code = exc.code
-    if exc.code == "query_timeout":
+    err.code = code or exc.code
+    if err.code == "query_timeout":
         err.status = 408
-    elif exc.code == "query_not_allowed":
+    elif err.code == "query_not_allowed":
         err.status = 403
     return err

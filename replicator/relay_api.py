@@ -176,7 +176,8 @@ def create_app(service: ReplicatorService) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        # FastAPI raises a bare 400 when the body cannot be parsed at all (not UTF-8, nested beyond recursion).
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
@@ -184,16 +185,24 @@ def create_app(service: ReplicatorService) -> FastAPI:
         log.exception("unexpected error: %r", exc)
         return _error(500, "internal_error", f"unexpected {type(exc).__name__}; see the replicator log")
 
-    async def publish(agent_id: str, rows: list[RelayRow], timestamp: float | None, key: str) -> dict[str, Any]:
+    def encode(agent_id: str, rows: list[RelayRow], timestamp: float | None) -> bytes:
+        record = RelayRecord(v=RECORD_VERSION, kind="relay", agent_id=agent_id, timestamp=timestamp, rows=rows)
+        try:
+            return encode_record(record)
+        except TypeError as exc:  # orjson: nesting too deep once wrapped in the record, or unencodable text
+            raise InvalidValue(f"the row cannot be encoded as a change record: {exc}") from None
+
+    async def publish(agent_id: str, payload: bytes, key: str) -> dict[str, Any]:
         js = service.js
         if js is None or service.nc is None or not service.nc.is_connected:
             raise NatsUnavailable("the HTPC is not connected to NATS; retry later")
-        record = RelayRecord(v=RECORD_VERSION, kind="relay", agent_id=agent_id, timestamp=timestamp, rows=rows)
         try:
             ack = await js.publish(
-                changes_subject(agent_id), encode_record(record), timeout=5.0,
+                changes_subject(agent_id), payload, timeout=5.0,
                 headers={"Nats-Msg-Id": f"relay:{agent_id}:{key}"},
             )
+        except nats.errors.MaxPayloadError:  # retrying cannot help: not a 503
+            raise PayloadTooLarge(f"the encoded record ({len(payload)} bytes) exceeds the NATS max_payload") from None
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise NatsUnavailable(f"JetStream did not store the write: {exc!r}") from None
         service.relay_published += 1
@@ -206,7 +215,8 @@ def create_app(service: ReplicatorService) -> FastAPI:
         """One row from an HTTP-only agent; answered once durable in JetStream."""
         _check_row(body.agent_id, body.table, body.data)
         key = idempotency_key or uuid.uuid4().hex
-        result = await publish(body.agent_id, [RelayRow(table=body.table, data=body.data)], body.timestamp, key)
+        payload = encode(body.agent_id, [RelayRow(table=body.table, data=body.data)], body.timestamp)
+        result = await publish(body.agent_id, payload, key)
         return {"status": "accepted", **result}
 
     @app.post("/relay/batch", status_code=202, tags=["relay"])
@@ -224,7 +234,8 @@ def create_app(service: ReplicatorService) -> FastAPI:
             _check_row(agent_id, item.table, item.data)
             per_agent[agent_id].append(RelayRow(table=item.table, data=item.data))
         key = idempotency_key or uuid.uuid4().hex
-        results = [await publish(agent_id, rows, None, key) for agent_id, rows in per_agent.items()]
+        payloads = {agent_id: encode(agent_id, rows, None) for agent_id, rows in per_agent.items()}  # all, then publish
+        results = [await publish(agent_id, payload, key) for agent_id, payload in payloads.items()]
         return {"status": "accepted", "records": len(body.records), "published": results}
 
     @app.post("/relay/query", tags=["query"])

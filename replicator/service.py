@@ -118,6 +118,8 @@ class ReplicatorService:
                 await asyncio.wait_for(self.nc.drain(), 5)
         if self.embedded is not None:
             await self.embedded.stop()
+        if self.query_engine is not None:
+            self.query_engine.close()
         if self.store is not None:
             self.store.close()
         if self.dead_letters is not None:
