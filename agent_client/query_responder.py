@@ -29,8 +29,12 @@ MAX_ROWS_LIMIT = 10_000
 MAX_TIMEOUT_MS = 10_000
 
 
-def answer_query(db_path: Path, request: dict[str, Any]) -> dict[str, Any]:
-    """Run one forwarded query against the local database (read-only); never raises."""
+def answer_query(db_path: Path, request: dict[str, Any], agent_id: str | None = None) -> dict[str, Any]:
+    """Run one forwarded query against the local database (read-only); never raises.
+
+    The database is also attached under the agent's own id, so a query written
+    for the HTPC (`"owner-id".table`) reads the same tables here.
+    """
     try:
         query = request.get("query")
         params = request.get("params")
@@ -39,7 +43,11 @@ def answer_query(db_path: Path, request: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(query, str):
             raise QueryError("query must be a string")
         conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1.0)
+        schemas = {"main"}
         try:
+            if agent_id is not None:
+                conn.execute("ATTACH DATABASE ? AS ?", (f"file:{db_path}?mode=ro", agent_id))
+                schemas.add(agent_id)
             readable = {
                 str(r[0])
                 for r in conn.execute(
@@ -50,7 +58,7 @@ def answer_query(db_path: Path, request: dict[str, Any]) -> dict[str, Any]:
                 conn,
                 query,
                 params,
-                policy=lambda db, table: db == "main" and table in readable,
+                policy=lambda db, table: db in schemas and table in readable,
                 timeout_s=timeout_ms / 1000,
                 max_rows=max_rows,
             )
@@ -84,7 +92,7 @@ class QueryResponder:
         except ValueError as exc:
             reply: dict[str, Any] = {"error": "invalid_query", "message": f"bad request: {exc}"}
         else:
-            reply = await asyncio.to_thread(answer_query, self.db_path, request)
+            reply = await asyncio.to_thread(answer_query, self.db_path, request, self.agent_id)
         self.answered += 1
         try:
             await msg.respond(orjson.dumps(reply))

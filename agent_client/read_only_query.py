@@ -23,6 +23,9 @@ _DENIED_FUNCTIONS = frozenset({"load_extension", "readfile", "writefile", "edit"
 
 TablePolicy = Callable[[str, str], bool]  # (schema name, table name) -> may it be read?
 
+_SCHEMA_TABLES = ("sqlite_master", "sqlite_temp_master", "sqlite_schema", "sqlite_temp_schema")
+MAX_VALUE_BYTES = 16 * 1024 * 1024  # SQLITE_LIMIT_LENGTH for query connections: no giant blobs in memory
+
 QueryParams = Sequence[Any] | Mapping[str, Any] | None
 
 
@@ -34,15 +37,25 @@ class QueryResult:
     denied: list[str] = field(default_factory=list)
 
 
-def _authorizer(policy: TablePolicy, denied: list[str]) -> Callable[[int, str | None, str | None, str | None, str | None], int]:
+Authorizer = Callable[[int, str | None, str | None, str | None, str | None], int]
+
+
+def _authorizer(policy: TablePolicy, denied: list[str]) -> Authorizer:
     def authorize(action: int, arg1: str | None, arg2: str | None, db: str | None, _src: str | None) -> int:
         if action == sqlite3.SQLITE_SELECT or action == sqlite3.SQLITE_RECURSIVE:
             return sqlite3.SQLITE_OK
         if action == sqlite3.SQLITE_READ:
             if arg1 is not None and policy(db or "main", arg1):
                 return sqlite3.SQLITE_OK
+            if arg1 in _SCHEMA_TABLES and arg2 == "ROWID":
+                return sqlite3.SQLITE_OK  # SQLite's own lookup when a table-valued function is first used
             denied.append(f"read of {db}.{arg1}")
             return sqlite3.SQLITE_DENY
+        if action == sqlite3.SQLITE_UPDATE and arg1 in _SCHEMA_TABLES:
+            # Registering an eponymous virtual table (json_each, pragma_table_info) on first use is
+            # authorized as an UPDATE of the schema table; a real one is impossible here (PRAGMA
+            # writable_schema is denied and the connection is read-only).
+            return sqlite3.SQLITE_OK
         if action == sqlite3.SQLITE_FUNCTION:
             if (arg2 or "").lower() in _DENIED_FUNCTIONS:
                 denied.append(f"function {arg2}")
@@ -104,6 +117,7 @@ def run_read_only(
             return 1
         return 0
 
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
     conn.set_authorizer(_authorizer(policy, denied))
     conn.set_progress_handler(progress, 2000)
     try:

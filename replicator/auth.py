@@ -46,16 +46,6 @@ class AuthError(ReplicatorError):
     status = 400
 
 
-class Unauthorized(ReplicatorError):
-    code = "unauthorized"
-    status = 401
-
-
-class Forbidden(ReplicatorError):
-    code = "forbidden"
-    status = 403
-
-
 @dataclass(frozen=True)
 class Principal:
     """Whoever presented a valid token: an agent (scoped to its id) or an operator (everything)."""
@@ -92,8 +82,20 @@ class AuthStore:
         self.root = root
         self.path = root / "auth.json"
         self.data: dict[str, Any] = {"replicator": None, "agents": {}, "operators": {}}
-        if self.path.exists():
-            self.data = json.loads(self.path.read_text())
+        self.mtime = 0.0
+        self.reload()
+
+    def reload(self) -> bool:
+        """Re-read auth.json if it changed (another `replicator auth` process). Returns True if it did."""
+        try:
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if mtime == self.mtime:
+            return False
+        self.data = json.loads(self.path.read_text())
+        self.mtime = mtime
+        return True
 
     @property
     def initialized(self) -> bool:
@@ -102,6 +104,7 @@ class AuthStore:
     def save(self) -> None:
         _write_secret(self.path, json.dumps(self.data, indent=2, sort_keys=True))
         _write_secret(self.root / "nats-authorization.conf", self.nats_authorization_conf())
+        self.mtime = self.path.stat().st_mtime
 
     def init(self) -> str:
         """Create the replicator's key (idempotent). Returns the path of its seed file."""

@@ -64,7 +64,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         "nats_url": args.nats_url or None,
         "log_level": args.log_level,
     }
-    for name in ("host", "port", "nats_host", "nats_port", "nats_advertise", "durable", "stream_replicas"):
+    for name in ("host", "port", "nats_host", "nats_port", "nats_advertise", "durable", "stream_replicas", "auth",
+                 "nats_seed_file", "tls_cert", "tls_key", "nats_tls_cert", "nats_tls_key", "nats_tls_ca"):
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
@@ -93,14 +94,18 @@ async def serve(settings: Settings) -> None:
             log_level=settings.log_level,
             access_log=False,
             lifespan="off",
+            ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+            ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
         )
         server = _Server(config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        scheme = "https" if settings.tls_cert else "http"
         print(
-            f"replicator: serving http://{settings.host}:{settings.port} "
-            f"(NATS {service.nats_url}{', embedded' if service.embedded else ''}; data {settings.data_dir})",
+            f"replicator: serving {scheme}://{settings.host}:{settings.port} "
+            f"(NATS {service.nats_url}{', embedded' if service.embedded else ''}; data {settings.data_dir}; "
+            f"auth {'on' if service.auth else 'off'})",
             flush=True,
         )
         await server.serve()
@@ -202,11 +207,59 @@ def _fmt_age(ts: float | None) -> str:
     return f"{age:.0f}s ago" if age < 120 else f"{age / 60:.0f}m ago"
 
 
-def status(url: str) -> int:
+def _client(token: str | None) -> httpx.Client:
+    return httpx.Client(timeout=5.0, headers={"Authorization": f"Bearer {token}"} if token else {})
+
+
+def auth_command(args: argparse.Namespace) -> int:
+    from .auth import AuthError, AuthStore
+
+    store = AuthStore(Path(args.data_dir) / "auth")
     try:
-        with httpx.Client(timeout=5.0) as client:
+        if args.auth_command == "init":
+            print(f"replicator NATS key: {store.init()}")
+        elif args.auth_command == "add-agent":
+            readers = [r for r in args.share_on_demand_with.split(",") if r]
+            seed, token = store.add_agent(args.agent_id, on_demand_readers=readers)
+            print(f"agent {args.agent_id}:")
+            print(f"  NATS nkey seed file: {store.root / 'agents' / (args.agent_id + '.nk')}")
+            print(f"    (give it to the agent as COMMANDER_NATS_SEED_FILE, or its content as COMMANDER_NATS_SEED)")
+            print(f"  API token (shown once; COMMANDER_HTPC_TOKEN): {token}")
+            del seed
+        elif args.auth_command == "share":
+            store.set_on_demand_readers(args.agent_id, [r for r in args.readers.split(",") if r])
+            print(f"{args.agent_id}: on_demand tables shared with {args.readers or 'nobody'}")
+        elif args.auth_command == "add-operator":
+            print(f"operator {args.name} API token (shown once): {store.add_operator(args.name)}")
+        elif args.auth_command == "revoke":
+            if not store.revoke(args.name):
+                print(f"replicator auth: nobody named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.name}")
+        elif args.auth_command == "list":
+            for agent_id, entry in sorted(store.data["agents"].items()):
+                shared = ",".join(entry.get("on_demand_readers", [])) or "-"
+                print(f"agent     {agent_id:<40} nkey {entry['nkey'][:12]}…  on_demand shared with: {shared}")
+            for name in sorted(store.data["operators"]):
+                print(f"operator  {name}")
+        elif args.auth_command == "nats-config":
+            print(store.nats_authorization_conf(), end="")
+    except (AuthError, ValueError) as exc:
+        print(f"replicator auth: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def status(url: str, token: str | None = None) -> int:
+    try:
+        with _client(token) as client:
             health = client.get(f"{url}/health").json()
-            agents = client.get(f"{url}/relay/agents").json()["agents"]
+            resp = client.get(f"{url}/relay/agents")
+            if resp.status_code in (401, 403):
+                print(f"replicator status: {url} needs a token (--token / REPLICATOR_TOKEN): "
+                      f"{resp.json().get('message')}", file=sys.stderr)
+                return 2
+            agents = resp.json()["agents"]
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         print(f"replicator status: cannot reach {url}: {exc}", file=sys.stderr)
         return 2
@@ -237,12 +290,12 @@ def status(url: str) -> int:
     return 0
 
 
-def dead_letters(url: str, agent: str | None, limit: int) -> int:
+def dead_letters(url: str, agent: str | None, limit: int, token: str | None = None) -> int:
     params: dict[str, Any] = {"limit": limit}
     if agent:
         params["agent_id"] = agent
     try:
-        with httpx.Client(timeout=5.0) as client:
+        with _client(token) as client:
             resp = client.get(f"{url}/relay/dead-letters", params=params)
             resp.raise_for_status()
             items = resp.json()["dead_letters"]
@@ -272,19 +325,47 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--stream-replicas", type=int, default=env("STREAM_REPLICAS"),
                        help="replicas when creating AGENT_CHANGES (3 on a cluster)")
         p.add_argument("--log-level", default=env("LOG_LEVEL", "warning"), choices=["debug", "info", "warning", "error"])
+        p.add_argument("--nats-seed-file", default=env("NATS_SEED_FILE"),
+                       help="the replicator's nkey seed for a secured external NATS [REPLICATOR_NATS_SEED_FILE]")
+        p.add_argument("--nats-tls-ca", default=env("NATS_TLS_CA"), help="CA of the NATS server's certificate")
 
     p_serve = sub.add_parser("serve", help="run the HTPC: consumer, central store, relay API")
     common(p_serve)
     p_serve.add_argument("--host", default=env("HOST", "127.0.0.1"), help="HTTP listen address [REPLICATOR_HOST]")
     p_serve.add_argument("--port", type=int, default=env("PORT", "8000"), help="HTTP port [REPLICATOR_PORT]")
     p_serve.add_argument("--nats-advertise", default=env("NATS_ADVERTISE"), help="NATS URL given to agents")
+    p_serve.add_argument("--auth", default=env("AUTH", "auto"), choices=["auto", "on", "off"],
+                         help="NATS credentials + API tokens; auto = on unless --host is loopback [REPLICATOR_AUTH]")
+    p_serve.add_argument("--tls-cert", default=env("TLS_CERT"), help="serve the API over HTTPS with this certificate")
+    p_serve.add_argument("--tls-key", default=env("TLS_KEY"), help="private key of --tls-cert")
+    p_serve.add_argument("--nats-tls-cert", default=env("NATS_TLS_CERT"), help="TLS certificate for embedded NATS")
+    p_serve.add_argument("--nats-tls-key", default=env("NATS_TLS_KEY"), help="private key of --nats-tls-cert")
 
     p_rebuild = sub.add_parser("rebuild", help="rebuild the central store from the stream (serve must be stopped)")
     common(p_rebuild)
 
+    p_auth = sub.add_parser("auth", help="per-agent NATS credentials and API tokens (in DATA_DIR/auth)")
+    p_auth.add_argument("--data-dir", default=env("DATA_DIR", "data"), help="data directory [REPLICATOR_DATA_DIR]")
+    auth_sub = p_auth.add_subparsers(dest="auth_command", required=True)
+    auth_sub.add_parser("init", help="create the replicator's own NATS key")
+    p_add = auth_sub.add_parser("add-agent", help="new NATS key + API token for an agent (prints them once)")
+    p_add.add_argument("agent_id")
+    p_add.add_argument("--share-on-demand-with", default="", help="comma-separated agents that may query its "
+                       "on_demand tables")
+    p_op = auth_sub.add_parser("add-operator", help="new operator API token (prints it once)")
+    p_op.add_argument("name")
+    p_share = auth_sub.add_parser("share", help="let other agents query this agent's on_demand tables")
+    p_share.add_argument("agent_id")
+    p_share.add_argument("--with", dest="readers", default="", help="comma-separated agent ids (empty: nobody)")
+    p_rev = auth_sub.add_parser("revoke", help="remove an agent's or operator's credentials")
+    p_rev.add_argument("name")
+    auth_sub.add_parser("list", help="who has credentials")
+    auth_sub.add_parser("nats-config", help="print the nats-server authorization block (for an external server)")
+
     for name, help_text in (("status", "agents, lag, backlog, dead letters"), ("dead-letters", "list dead letters")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--url", default=env("URL", "http://127.0.0.1:8000"), help="HTPC URL [REPLICATOR_URL]")
+        p.add_argument("--token", default=env("TOKEN"), help="operator token when auth is on [REPLICATOR_TOKEN]")
         if name == "dead-letters":
             p.add_argument("--agent")
             p.add_argument("--limit", type=int, default=50)
@@ -294,9 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "status":
-        return status(args.url.rstrip("/"))
+        return status(args.url.rstrip("/"), args.token)
     if args.command == "dead-letters":
-        return dead_letters(args.url.rstrip("/"), args.agent, args.limit)
+        return dead_letters(args.url.rstrip("/"), args.agent, args.limit, args.token)
+    if args.command == "auth":
+        return auth_command(args)
     try:
         settings = _settings(args)
     except ValueError as exc:

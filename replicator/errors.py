@@ -67,3 +67,36 @@ class EmbeddedNatsFailed(ReplicatorError):
     """The embedded nats-server could not be started."""
 
     code = "embedded_nats_failed"
+
+
+class Unauthorized(ReplicatorError):
+    """No bearer token, or one nobody issued."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(ReplicatorError):
+    """A valid token used outside its scope (another agent's id, an operator-only endpoint)."""
+
+    code = "forbidden"
+    status = 403
+
+
+class TableOwnedByAgent(ReplicatorError):
+    """A relay write aimed at a table the agent replicates (or keeps on_demand) from its own database."""
+
+    code = "table_owned_by_agent"
+    status = 409
+
+
+class AuthNotConfigured(ReplicatorError):
+    """Authentication is on but `replicator auth` has not made the credentials it needs."""
+
+    code = "auth_not_configured"
+
+
+class StreamMisconfigured(ReplicatorError):
+    """AGENT_CHANGES exists with settings the replicator cannot work with or fix."""
+
+    code = "stream_misconfigured"

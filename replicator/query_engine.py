@@ -27,7 +27,7 @@ from agent_client.read_only_query import run_read_only
 
 from .central_store import CentralStore
 from .consumer import Consumer
-from .errors import AgentOffline, BadRequest, InvalidAgent, NotYetReplicated, ReplicatorError
+from .errors import AgentOffline, BadRequest, Forbidden, InvalidAgent, NotYetReplicated, ReplicatorError
 
 MAX_ATTACHED = 9  # SQLite's default limit is 10 attached databases
 
@@ -189,6 +189,8 @@ class QueryEngine:
         self.default_timeout_ms = default_timeout_ms
         self.max_timeout_ms = max_timeout_ms
         self.forwarded = 0
+        #: (reader, owner) -> may reader's queries be forwarded to owner's on_demand tables? None: anyone may.
+        self.may_read_on_demand: Callable[[str, str], bool] | None = None
         self._pool = _ReadPool()
 
     async def query(
@@ -219,6 +221,8 @@ class QueryEngine:
         known = set(self.store.replicas)
         forward_to = self._on_demand_owner(agent_id, refs, known)
         if forward_to is not None:
+            if self.may_read_on_demand is not None and not self.may_read_on_demand(agent_id, forward_to):
+                raise Forbidden(f"agent {forward_to} does not share its on_demand tables with {agent_id}")
             return await self._forward(forward_to, sql, params, timeout_ms, max_rows)
 
         # The asking agent's own id is attached too: `"me".t` must mean the same as `t` (same file, read-only).

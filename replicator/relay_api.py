@@ -17,7 +17,7 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
-from fastapi import FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,10 +37,14 @@ from .errors import (
     InvalidValue,
     NatsUnavailable,
     PayloadTooLarge,
+    Forbidden,
     RecordRejected,
     ReplicatorError,
+    TableOwnedByAgent,
+    Unauthorized,
     UnknownAgent,
 )
+from .auth import Principal
 from .metrics import render_metrics
 from .service import ReplicatorService
 
@@ -185,6 +189,37 @@ def create_app(service: ReplicatorService) -> FastAPI:
         log.exception("unexpected error: %r", exc)
         return _error(500, "internal_error", f"unexpected {type(exc).__name__}; see the replicator log")
 
+    def principal(request: Request) -> Principal | None:
+        """Who is calling: None when authentication is off, else the token's holder (401 otherwise)."""
+        auth = service.auth
+        if auth is None:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing bearer token: send `Authorization: Bearer <token>` (see `replicator auth`)")
+        who = auth.authenticate(token.strip())
+        if who is None:
+            raise Unauthorized("unknown or revoked token")
+        return who
+
+    def in_scope(who: Principal | None, agent_id: str) -> None:
+        if who is not None and not who.is_operator and who.name != agent_id:
+            raise Forbidden(f"the token of agent {who.name!r} cannot act as agent {agent_id!r}")
+
+    def operator_only(who: Principal | None) -> None:
+        if who is not None and not who.is_operator:
+            raise Forbidden("this endpoint needs an operator token")
+
+    def check_target(agent_id: str, table: str, data: dict[str, Any]) -> None:
+        _check_row(agent_id, table, data)
+        rep = service.store.replicas.get(agent_id) if service.store is not None else None
+        meta = rep.tables.get(table) if rep is not None else None
+        if meta is not None and meta.source == "agent":
+            raise TableOwnedByAgent(
+                f"{agent_id}.{table} is {meta.visibility} on the agent's own database; "
+                "write it there (the relay would race its replication)"
+            )
+
     def encode(agent_id: str, rows: list[RelayRow], timestamp: float | None) -> bytes:
         record = RelayRecord(v=RECORD_VERSION, kind="relay", agent_id=agent_id, timestamp=timestamp, rows=rows)
         try:
@@ -210,10 +245,13 @@ def create_app(service: ReplicatorService) -> FastAPI:
 
     @app.post("/relay/immediate", status_code=202, tags=["relay"])
     async def relay_immediate(
-        body: ImmediateWrite, idempotency_key: str | None = Header(None, max_length=200)
+        body: ImmediateWrite,
+        idempotency_key: str | None = Header(None, max_length=200),
+        who: Principal | None = Depends(principal),
     ) -> dict[str, Any]:
         """One row from an HTTP-only agent; answered once durable in JetStream."""
-        _check_row(body.agent_id, body.table, body.data)
+        in_scope(who, body.agent_id)
+        check_target(body.agent_id, body.table, body.data)
         key = idempotency_key or uuid.uuid4().hex
         payload = encode(body.agent_id, [RelayRow(table=body.table, data=body.data)], body.timestamp)
         result = await publish(body.agent_id, payload, key)
@@ -221,17 +259,27 @@ def create_app(service: ReplicatorService) -> FastAPI:
 
     @app.post("/relay/batch", status_code=202, tags=["relay"])
     async def relay_batch(
-        body: BatchWrite, idempotency_key: str | None = Header(None, max_length=200)
+        body: BatchWrite,
+        idempotency_key: str | None = Header(None, max_length=200),
+        who: Principal | None = Depends(principal),
     ) -> dict[str, Any]:
-        """Several rows; each agent's rows become one record (applied in one central transaction)."""
+        """Several rows; each agent's rows become one record (applied in one central transaction).
+
+        The guide's payload `{"records": [{"table", "data"}]}` names no agent: it is
+        taken from the agent token when authentication is on, else give `agent_id`.
+        """
         if len(body.records) > s.max_batch_records:
             raise PayloadTooLarge(f"at most {s.max_batch_records} records per batch")
+        default_agent = body.agent_id or (who.name if who is not None and not who.is_operator else None)
         per_agent: dict[str, list[RelayRow]] = defaultdict(list)
         for i, item in enumerate(body.records):
-            agent_id = item.agent_id or body.agent_id
+            agent_id = item.agent_id or default_agent
             if agent_id is None:
-                raise InvalidAgent(f"records[{i}] has no agent_id and the batch gives none")
-            _check_row(agent_id, item.table, item.data)
+                raise InvalidAgent(
+                    f"records[{i}] has no agent_id: give one per record or for the batch, or use an agent token"
+                )
+            in_scope(who, agent_id)
+            check_target(agent_id, item.table, item.data)
             per_agent[agent_id].append(RelayRow(table=item.table, data=item.data))
         key = idempotency_key or uuid.uuid4().hex
         payloads = {agent_id: encode(agent_id, rows, None) for agent_id, rows in per_agent.items()}  # all, then publish
@@ -239,9 +287,10 @@ def create_app(service: ReplicatorService) -> FastAPI:
         return {"status": "accepted", "records": len(body.records), "published": results}
 
     @app.post("/relay/query", tags=["query"])
-    async def relay_query(body: QueryRequest) -> dict[str, Any]:
+    async def relay_query(body: QueryRequest, who: Principal | None = Depends(principal)) -> dict[str, Any]:
         """Read-only SQL over the central copies; `other_agent.table` reaches another agent."""
         assert service.query_engine is not None
+        in_scope(who, body.agent_id)
         return await service.query_engine.query(
             body.agent_id,
             body.query,
@@ -277,12 +326,12 @@ def create_app(service: ReplicatorService) -> FastAPI:
         return out
 
     @app.get("/relay/agents", tags=["info"])
-    async def relay_agents() -> dict[str, Any]:
+    async def relay_agents(_who: Principal | None = Depends(principal)) -> dict[str, Any]:
         """Every agent the HTPC knows: epoch, watermark, lag, last seen, tables, dead letters."""
         return {"agents": _agents()}
 
     @app.get("/relay/agents/{agent_id}", tags=["info"])
-    async def relay_agent(agent_id: str) -> dict[str, Any]:
+    async def relay_agent(agent_id: str, _who: Principal | None = Depends(principal)) -> dict[str, Any]:
         if not is_valid_agent_id(agent_id):
             raise InvalidAgent(f"invalid agent id {agent_id!r}")
         for a in _agents():
@@ -291,9 +340,12 @@ def create_app(service: ReplicatorService) -> FastAPI:
         raise UnknownAgent(f"no data from agent {agent_id!r} yet")
 
     @app.get("/relay/dead-letters", tags=["info"])
-    async def dead_letters(agent_id: str | None = None, limit: int = 100) -> dict[str, Any]:
-        """Records that could not be decoded or applied, newest first, with their reason."""
+    async def dead_letters(
+        agent_id: str | None = None, limit: int = 100, who: Principal | None = Depends(principal)
+    ) -> dict[str, Any]:
+        """Records that could not be decoded or applied, newest first, with their reason (operators only)."""
         assert service.dead_letters is not None
+        operator_only(who)
         if agent_id is not None and not is_valid_agent_id(agent_id):
             raise InvalidAgent(f"invalid agent id {agent_id!r}")
         if not 1 <= limit <= 1000:
@@ -317,14 +369,26 @@ def create_app(service: ReplicatorService) -> FastAPI:
                 "last_fetch_at": consumer.stats.last_fetch_at if consumer else None,
                 "last_error": consumer.last_error if consumer else None,
             },
+            "auth": service.auth is not None,
+            "stream_replicas": service.stream_replicas,
             "agents": len(agents),
             "dead_letters": service.dead_letters.total() if service.dead_letters else 0,
             "blocked_agents": {a["agent_id"]: a["blocked"] for a in agents if a["blocked"]},
             "max_lag_changes": max((a["lag_changes"] for a in agents), default=0),
         }
 
+    @app.get("/ready", tags=["info"])
+    async def ready() -> JSONResponse:
+        """Readiness (for load balancers and Kubernetes): 200 when NATS and the consumer run, else 503."""
+        nats_ok = service.nc is not None and service.nc.is_connected
+        running = service.consumer is not None and service.consumer.running
+        status = 200 if nats_ok and running else 503
+        return JSONResponse({"ready": status == 200, "nats_connected": nats_ok, "consumer_running": running},
+                            status_code=status)
+
     @app.get("/metrics", tags=["info"], response_class=PlainTextResponse)
-    async def metrics() -> Response:
+    async def metrics(who: Principal | None = Depends(principal)) -> Response:
+        operator_only(who)
         return PlainTextResponse(render_metrics(service), media_type="text/plain; version=0.0.4")
 
     app.add_middleware(BodyLimit, limit=s.max_body_bytes)

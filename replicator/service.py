@@ -11,27 +11,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from typing import Any
 
 import nats
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from agent_client.stream import ensure_stream
+from agent_client.stream import STREAM_NAME, ensure_stream
 
+from .auth import REPLICATOR_INBOX, AuthStore, load_seed
 from .central_store import CentralStore
 from .consumer import Consumer
 from .dead_letters import DeadLetterStore
 from .embedded_nats import EmbeddedNats
-from .errors import NatsUnavailable
+from .errors import NatsUnavailable, StreamMisconfigured
 from .query_engine import QueryEngine
 from .settings import Settings
 
 log = logging.getLogger("replicator")
 
 
-async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 30.0) -> NATS:
+async def connect_nats(
+    url: str, *, name: str, connect_timeout_s: float = 30.0, options: dict[str, Any] | None = None
+) -> NATS:
     """Connect (retrying until `connect_timeout_s`), then let nats-py reconnect forever."""
     deadline = time.monotonic() + connect_timeout_s
     delay = 0.2
@@ -52,6 +57,7 @@ async def connect_nats(url: str, *, name: str, connect_timeout_s: float = 30.0) 
                 ping_interval=5,
                 max_outstanding_pings=3,
                 error_cb=_quiet,
+                **(options or {}),
             )
         except Exception as exc:  # nats raises several unrelated types for "not reachable"
             last = exc
@@ -73,17 +79,45 @@ class ReplicatorService:
         self.query_engine: QueryEngine | None = None
         self.started_at = time.time()
         self.relay_published = 0
+        self.auth: AuthStore | None = None
+        self.stream_replicas: int | None = None
+        self._auth_watch: asyncio.Task[None] | None = None
+
+    def _nats_options(self) -> dict[str, Any]:
+        s = self.settings
+        options: dict[str, Any] = {}
+        if self.auth is not None or s.nats_seed_file:
+            seed_file = s.nats_seed_file or (self.auth.replicator_seed_file() if self.auth else None)
+            options["nkeys_seed_str"] = load_seed(file=seed_file)
+            options["inbox_prefix"] = REPLICATOR_INBOX
+        if s.nats_tls_ca or s.nats_tls_cert:
+            ctx = ssl.create_default_context(cafile=str(s.nats_tls_ca or s.nats_tls_cert))
+            options["tls"] = ctx
+        return options
 
     async def start(self) -> None:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
+        if s.auth_enabled:
+            self.auth = AuthStore(s.data_dir / "auth")
+            if not self.auth.initialized:
+                seed_file = self.auth.init()
+                log.warning("auth is on: created the replicator's NATS key (%s); add agents with "
+                            "`replicator auth add-agent ID --data-dir %s`", seed_file, s.data_dir)
         if not s.nats_url:
-            self.embedded = EmbeddedNats(s.data_dir / "nats", host=s.nats_host, port=s.nats_port)
+            self.embedded = EmbeddedNats(
+                s.data_dir / "nats", host=s.nats_host, port=s.nats_port,
+                authorization=self.auth.nats_authorization_conf() if self.auth else None,
+                tls_cert=s.nats_tls_cert, tls_key=s.nats_tls_key,
+            )
             await self.embedded.start()
             self.nats_url = self.embedded.url
-        self.nc = await connect_nats(self.nats_url, name=f"replicator:{s.durable}")
+        self.nc = await connect_nats(self.nats_url, name=f"replicator:{s.durable}", options=self._nats_options())
         self.js = self.nc.jetstream()
         await ensure_stream(self.js, replicas=s.stream_replicas)
+        self.stream_replicas = await self._check_replicas()
+        if self.auth is not None:
+            self._auth_watch = asyncio.create_task(self._watch_auth(), name="auth-reload")
         self.store = CentralStore(s.data_dir)
         self.dead_letters = DeadLetterStore(s.data_dir / "dead_letters.db")
         self.consumer = Consumer(self.js, self.store, self.dead_letters, durable=s.durable)
@@ -95,7 +129,41 @@ class ReplicatorService:
             max_rows=s.query_max_rows,
             default_timeout_ms=s.query_timeout_ms,
         )
+        if self.auth is not None:
+            auth = self.auth
+            self.query_engine.may_read_on_demand = auth.may_read_on_demand
         log.info("replicator started: data %s, NATS %s", s.data_dir, self.nats_url)
+
+    async def _check_replicas(self) -> int:
+        """Make AGENT_CHANGES have at least --stream-replicas (an agent may have created it with 1)."""
+        assert self.js is not None
+        info = await self.js.stream_info(STREAM_NAME)
+        have = info.config.num_replicas or 1
+        want = self.settings.stream_replicas
+        if have < want:
+            config = info.config
+            config.num_replicas = want
+            try:
+                info = await self.js.update_stream(config)
+            except nats.js.errors.Error as exc:
+                raise StreamMisconfigured(
+                    f"stream {STREAM_NAME} has {have} replica(s) and could not be raised to {want}: {exc}"
+                ) from None
+            log.warning("stream %s raised from %d to %d replicas", STREAM_NAME, have, want)
+            have = info.config.num_replicas or want
+        return have
+
+    async def _watch_auth(self) -> None:
+        """Pick up `replicator auth add-agent/revoke` made while serving: API tokens and NATS keys."""
+        assert self.auth is not None
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                if self.auth.reload() and self.embedded is not None:
+                    self.embedded.reload(self.auth.nats_authorization_conf())
+                    log.info("credentials reloaded")
+            except (OSError, ValueError) as exc:
+                log.error("cannot reload credentials: %s", exc)
 
     def advertised_nats_url(self, request_host: str | None = None) -> str:
         if self.settings.nats_advertise:
@@ -111,6 +179,8 @@ class ReplicatorService:
         return info.get("version")
 
     async def stop(self) -> None:
+        if self._auth_watch is not None:
+            self._auth_watch.cancel()
         if self.consumer is not None:
             await self.consumer.stop()
         if self.nc is not None:

@@ -27,3 +27,16 @@ class Settings(BaseModel):
     query_max_rows: int = Field(10_000, ge=1)
     query_timeout_ms: int = Field(2_000, ge=10)
     log_level: str = "warning"
+    auth: str = Field("auto", pattern="^(auto|on|off)$")  # auto: on unless the API binds loopback only
+    nats_seed_file: Path | None = None  # the replicator's nkey seed for an external, secured NATS
+    tls_cert: Path | None = None  # relay API over HTTPS
+    tls_key: Path | None = None
+    nats_tls_cert: Path | None = None  # embedded nats-server TLS
+    nats_tls_key: Path | None = None
+    nats_tls_ca: Path | None = None  # CA that signed the NATS server certificate (client side)
+
+    @property
+    def auth_enabled(self) -> bool:
+        if self.auth == "auto":
+            return self.host not in ("127.0.0.1", "localhost", "::1")
+        return self.auth == "on"

@@ -234,6 +234,12 @@ class HtpcProcess:
         assert resp.status_code == 200, resp.text
         return {a["agent_id"]: a for a in resp.json()["agents"]}
 
+    def agents_with(self, token: str) -> list[dict[str, Any]]:
+        """`GET /relay/agents` with a bearer token (authentication on)."""
+        resp = self.get("/relay/agents", headers={"Authorization": f"Bearer {token}"})
+        assert resp.status_code == 200, resp.text
+        return list(resp.json()["agents"])
+
     def central_db(self, agent_id: str) -> Path:
         return central_db_path(self.data_dir, agent_id)
 

@@ -353,12 +353,6 @@ async def test_new_epoch_resets_central_copy(htpc: HtpcProcess, tmp_path: Path) 
             assert resp.status_code == 400 and resp.json()["error"] == "invalid_query", resp.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent-side bug: a forwarded on_demand query is run unchanged on the agent's own database, where the "
-    'qualifier "<agent_id>." names no schema, so another agent can never read an on_demand table '
-    "(query_responder should ATTACH its own db read-only under its agent id, or the HTPC strip the qualifier)",
-)
 async def test_on_demand_table_queried_by_another_agent(htpc: HtpcProcess, tmp_path: Path) -> None:
     migration = Migration(1, "CREATE TABLE interviews (id TEXT PRIMARY KEY, candidate TEXT)")
     async with (

@@ -288,12 +288,6 @@ async def test_on_demand_hostile_queries_refused_by_the_live_agent(
         assert not (Path.cwd() / "planted.db").exists() and not (Path.cwd() / "stolen-copy.db").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent_client/read_only_query.py: the first use of an eponymous virtual table (json_each, json_tree, "
-    "pragma_table_info) on a connection makes SQLite authorize an internal UPDATE of sqlite_master, which the "
-    "authorizer denies, so `json_each(skills)` (the guide's JSON skills column) is refused as 'update'",
-)
 async def test_json_each_over_a_json_column_is_allowed(seeded: Seeded, client: httpx.AsyncClient) -> None:
     resp = await run_query(client, "SELECT count(*) FROM items, json_each('[1, 2, 3]') j WHERE items.id = j.value")
     assert resp.status_code == 200, resp.text
