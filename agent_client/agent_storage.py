@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -27,8 +28,8 @@ import orjson
 from . import change_log
 from .agent_id import validate_agent_id
 from .errors import (
-    FlushTimeout,
     CredentialsError,
+    FlushTimeout,
     HTPCUnavailable,
     InvalidRow,
     NetworkQueryError,
@@ -227,17 +228,25 @@ class AgentStorage:
         self._store = LocalStore(self.db_path)
         self._schema = _Schema()
         options = dict(nats_options or {})
-        seed = _read_seed(nats_seed or os.environ.get("COMMANDER_NATS_SEED"),
-                          nats_seed_file or os.environ.get("COMMANDER_NATS_SEED_FILE"))
+        seed = _read_seed(
+            nats_seed or os.environ.get("COMMANDER_NATS_SEED"),
+            nats_seed_file or os.environ.get("COMMANDER_NATS_SEED_FILE"),
+        )
         if seed:
             options.setdefault("nkeys_seed_str", seed)
         # Replies come to an inbox only this agent may subscribe to (see `replicator auth`).
         options.setdefault("inbox_prefix", f"_INBOX_{self.agent_id}")
         self._htpc_token = htpc_token or os.environ.get("COMMANDER_HTPC_TOKEN")
-        self._htpc_verify = htpc_verify
+        # A CA file path becomes an SSL context (httpx wants a context, not a path).
+        self._htpc_verify: bool | ssl.SSLContext = (
+            ssl.create_default_context(cafile=htpc_verify) if isinstance(htpc_verify, str) else htpc_verify
+        )
         self._link = NatsLink(
-            nats_url=nats_url, htpc_url=self.htpc_url, name=f"agent:{self.agent_id}", connect_options=options,
-            http_verify=htpc_verify,
+            nats_url=nats_url,
+            htpc_url=self.htpc_url,
+            name=f"agent:{self.agent_id}",
+            connect_options=options,
+            http_verify=self._htpc_verify,
         )
         self._publisher: Publisher | None = None
         self._responder = QueryResponder(self.agent_id, self.db_path)
@@ -460,7 +469,9 @@ class AgentStorage:
             "nats": {
                 "connected": self._link.connected,
                 "url": self._link.nats_url
-                or (str(self._link.nc.connected_url.geturl()) if self._link.nc and self._link.nc.connected_url else None),
+                or (
+                    str(self._link.nc.connected_url.geturl()) if self._link.nc and self._link.nc.connected_url else None
+                ),
                 "last_error": (pub.last_error if pub and pub.last_error else None) or self._link.last_error,
             },
             "htpc_connection": self._link.connected,

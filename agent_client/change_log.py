@@ -136,18 +136,14 @@ def _split_statements(script: str) -> list[str]:
 
 def table_info(conn: sqlite3.Connection, table: str) -> TableInfo:
     """Describe a user table, or raise UnknownTable."""
-    row = conn.execute(
-        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
-    ).fetchone()
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
     if row is None or table.startswith(("sqlite_", "_cr_")):
         raise UnknownTable(f"no table named {table!r} in the agent database")
     cols = conn.execute("SELECT name, type, pk FROM pragma_table_info(?)", (table,)).fetchall()
     columns = tuple(str(c[0]) for c in cols)
     pk_cols = sorted((int(c[2]), str(c[0])) for c in cols if int(c[2]) > 0)
     pk = tuple(name for _, name in pk_cols)
-    integer_pk = len(pk) == 1 and any(
-        c[0] == pk[0] and str(c[1]).upper() == "INTEGER" for c in cols
-    )
+    integer_pk = len(pk) == 1 and any(c[0] == pk[0] and str(c[1]).upper() == "INTEGER" for c in cols)
     types = tuple(str(c[1] or "") for c in cols)
     return TableInfo(name=table, columns=columns, pk=pk, sql=str(row[0]), types=types, integer_pk=integer_pk)
 
@@ -213,16 +209,12 @@ def create_triggers(conn: sqlite3.Connection, info: TableInfo, layout_id: int) -
     any_changed = " OR ".join(f"OLD.{q(c)} IS NOT NEW.{q(c)}" for c in info.columns)
     old_key_select = _log_insert(layout_id, "D", old_key).replace(" VALUES (", " SELECT ", 1)
     old_key_select = old_key_select[:-1] + f" WHERE {key_changed}"
-    conn.execute(
-        f"CREATE TRIGGER {ins} AFTER INSERT ON {table} BEGIN {_log_insert(layout_id, 'U', new_row)}; END"
-    )
+    conn.execute(f"CREATE TRIGGER {ins} AFTER INSERT ON {table} BEGIN {_log_insert(layout_id, 'U', new_row)}; END")
     conn.execute(
         f"CREATE TRIGGER {upd} AFTER UPDATE ON {table} WHEN {any_changed} BEGIN "
         f"{old_key_select}; {_log_insert(layout_id, 'U', new_row)}; END"
     )
-    conn.execute(
-        f"CREATE TRIGGER {dele} AFTER DELETE ON {table} BEGIN {_log_insert(layout_id, 'D', old_key)}; END"
-    )
+    conn.execute(f"CREATE TRIGGER {dele} AFTER DELETE ON {table} BEGIN {_log_insert(layout_id, 'D', old_key)}; END")
 
 
 def current_tables(conn: sqlite3.Connection) -> dict[str, tuple[Visibility, int | None, str | None]]:
@@ -313,9 +305,9 @@ def resync_schema(conn: sqlite3.Connection) -> list[str]:
             touched.append(name)
             continue
         info = table_info(conn, name)
-        if info.sql != sql or (vis is Visibility.ALWAYS and not _triggers_present(conn, name)):
-            if apply_visibility(conn, name, vis):
-                touched.append(name)
+        changed = info.sql != sql or (vis is Visibility.ALWAYS and not _triggers_present(conn, name))
+        if changed and apply_visibility(conn, name, vis):
+            touched.append(name)
     return touched
 
 
@@ -329,7 +321,12 @@ def load_layouts(conn: sqlite3.Connection, ids: set[int]) -> dict[int, Layout]:
     ).fetchall()
     return {
         int(r[0]): Layout(
-            int(r[0]), str(r[1]), tuple(json.loads(r[2])), tuple(json.loads(r[3])), r[4], str(r[5]),
+            int(r[0]),
+            str(r[1]),
+            tuple(json.loads(r[2])),
+            tuple(json.loads(r[3])),
+            r[4],
+            str(r[5]),
             tuple(json.loads(r[6])),
         )
         for r in rows

@@ -68,9 +68,7 @@ def check_migrations(migrations: Iterable[Migration]) -> list[Migration]:
 
 def apply_migrations(conn: sqlite3.Connection, migrations: list[Migration]) -> list[int]:
     """Apply the missing migrations in order; returns the versions applied now. Runs on the db thread."""
-    applied = {
-        int(r[0]): str(r[1]) for r in conn.execute("SELECT version, checksum FROM _cr_schema_version")
-    }
+    applied = {int(r[0]): str(r[1]) for r in conn.execute("SELECT version, checksum FROM _cr_schema_version")}
     highest = max(applied, default=0)
     done: list[int] = []
     for m in migrations:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from typing import Any
 
 import httpx
@@ -40,7 +41,7 @@ class NatsLink:
         htpc_url: str | None,
         name: str,
         connect_options: dict[str, Any] | None = None,
-        http_verify: bool | str = True,
+        http_verify: bool | ssl.SSLContext = True,
     ) -> None:
         self.nats_url = nats_url
         self.htpc_url = htpc_url.rstrip("/") if htpc_url else None

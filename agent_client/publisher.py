@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import sqlite3
@@ -215,8 +216,9 @@ class Publisher:
                 await self._await_head()
                 continue
             await self._refresh_layouts()
-            cursor, width, limit = self._cursor, self._width, self.read_batch
-            rows = await call_in_thread(self._reader, lambda c: _read_closed(c, cursor, width, limit))
+            read = functools.partial(_read_closed, cursor=self._cursor, width=self._width, limit=self.read_batch)
+            limit = self.read_batch
+            rows = await call_in_thread(self._reader, read)
             if not rows:
                 break
             await self._load_layouts({int(r[2]) for r in rows})
@@ -364,9 +366,7 @@ class Publisher:
                 "committed_at": chunk.committed_at,
             }
         )
-        payload = b"".join(
-            (header[:-1], b',"layouts":{', layouts, b'},"changes":[', b",".join(chunk.parts), b"]}")
-        )
+        payload = b"".join((header[:-1], b',"layouts":{', layouts, b'},"changes":[', b",".join(chunk.parts), b"]}"))
         return chunk.first, chunk.last, payload
 
 

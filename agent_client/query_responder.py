@@ -50,9 +50,7 @@ def answer_query(db_path: Path, request: dict[str, Any], agent_id: str | None = 
                 schemas.add(agent_id)
             readable = {
                 str(r[0])
-                for r in conn.execute(
-                    "SELECT name FROM _cr_tables WHERE visibility IN ('always', 'on_demand')"
-                )
+                for r in conn.execute("SELECT name FROM _cr_tables WHERE visibility IN ('always', 'on_demand')")
             }
             result = run_read_only(
                 conn,

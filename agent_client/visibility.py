@@ -16,6 +16,4 @@ class Visibility(StrEnum):
 def parse_visibility(value: object) -> Visibility:
     if isinstance(value, str) and value in Visibility._value2member_map_:
         return Visibility(value)
-    raise InvalidVisibility(
-        f"invalid visibility {value!r}: expected one of {', '.join(v.value for v in Visibility)}"
-    )
+    raise InvalidVisibility(f"invalid visibility {value!r}: expected one of {', '.join(v.value for v in Visibility)}")

@@ -41,7 +41,9 @@ def nats_server(store: Path, port: int | None = None) -> Iterator[tuple[str, sub
     binary = BIN / "nats-server" if (BIN / "nats-server").exists() else shutil.which("nats-server")
     proc = subprocess.Popen(
         [str(binary), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         wait_port(port)
@@ -61,9 +63,19 @@ class Replicator:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [str(BIN / "replicator"), "serve", "--data-dir", str(self.data_dir), "--nats-url", self.nats_url,
-             "--port", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                str(BIN / "replicator"),
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--nats-url",
+                self.nats_url,
+                "--port",
+                str(self.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -1,6 +1,6 @@
 """Agent-side figures: write latency, concurrent write throughput, publish throughput, with NATS up and down.
 
-    .venv/bin/python bench/agent_writes.py
+.venv/bin/python bench/agent_writes.py
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import free_port, machine, nats_server, pct, report  # noqa: E402
+from _common import free_port, machine, nats_server, pct, report
 
-from agent_client import AgentStorage, Migration  # noqa: E402
+from agent_client import AgentStorage, Migration
 
 SCHEMA = [Migration(1, "CREATE TABLE events (id INTEGER PRIMARY KEY, kind TEXT, payload TEXT, score REAL)")]
 
@@ -75,8 +75,7 @@ async def main() -> None:
             report("single-row transactions/s, 8 writer tasks", tps, "tx/s", "(target >= 15,000)")
             await st.flush(timeout=60)
             rps = await batch_rows_per_s(st)
-            report("rows/s in 100-row transactions, written + acked by JetStream", rps, "rows/s",
-                   "(target >= 100,000)")
+            report("rows/s in 100-row transactions, written + acked by JetStream", rps, "rows/s", "(target >= 100,000)")
             await st.close()
 
             # publisher alone: a 200,000-row backlog drained to JetStream

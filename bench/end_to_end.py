@@ -1,6 +1,6 @@
 """End-to-end figures: replication lag, throughput, catch-up, query latency, and the guide's naive baseline.
 
-    .venv/bin/python bench/end_to_end.py [--catchup-rows 1000000]
+.venv/bin/python bench/end_to_end.py [--catchup-rows 1000000]
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, Replicator, free_port, machine, nats_server, pct, report, wait_port  # noqa: E402
+from _common import BIN, Replicator, free_port, machine, nats_server, pct, report, wait_port
 
-from agent_client import AgentStorage, Migration  # noqa: E402
+from agent_client import AgentStorage, Migration
 
 SCHEMA = [Migration(1, "CREATE TABLE events (id INTEGER PRIMARY KEY, kind TEXT, payload TEXT, score REAL)")]
 
@@ -49,8 +49,15 @@ async def lag_at_rate(st: AgentStorage, rep: Replicator, rate: int = 1000, secon
     async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=200)) as client:
 
         async def probe(seq: int, committed: float) -> None:
-            r = await client.post(f"{rep.url}/relay/query", json={
-                "agent_id": st.agent_id, "query": "SELECT count(*) FROM events", "min_seq": seq, "timeout_ms": 5000})
+            r = await client.post(
+                f"{rep.url}/relay/query",
+                json={
+                    "agent_id": st.agent_id,
+                    "query": "SELECT count(*) FROM events",
+                    "min_seq": seq,
+                    "timeout_ms": 5000,
+                },
+            )
             if r.status_code == 200:
                 lags.append(time.perf_counter() - committed)
 
@@ -75,8 +82,12 @@ async def throughput(st: AgentStorage, rep: Replicator, *, txs: int, rows: int) 
     async with httpx.AsyncClient(timeout=10) as client:
         t = time.perf_counter()
         for i in range(txs):
-            await st.batch_write([{"table": "events", "data": {"kind": "tp", "payload": f"{i}-{j}", "score": j / 7}}
-                                  for j in range(rows)])
+            await st.batch_write(
+                [
+                    {"table": "events", "data": {"kind": "tp", "payload": f"{i}-{j}", "score": j / 7}}
+                    for j in range(rows)
+                ]
+            )
         last = await st.last_committed_seq()
         done = await wait_applied(client, rep, st.agent_id, last, 300)
         return txs * rows / (done - t)
@@ -99,14 +110,18 @@ async def single_row_tps(st: AgentStorage, rep: Replicator, seconds: float = 5.0
         return count / (done - t)
 
 
-async def query_latency(rep: Replicator, agent_id: str, max_id: int, rate: int = 500, seconds: float = 5.0) -> list[float]:
+async def query_latency(
+    rep: Replicator, agent_id: str, max_id: int, rate: int = 500, seconds: float = 5.0
+) -> list[float]:
     lat: list[float] = []
     async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=100)) as client:
 
         async def one(i: int) -> None:
             t = time.perf_counter()
-            r = await client.post(f"{rep.url}/relay/query", json={
-                "agent_id": agent_id, "query": "SELECT * FROM events WHERE id = ?", "params": [1 + i % max_id]})
+            r = await client.post(
+                f"{rep.url}/relay/query",
+                json={"agent_id": agent_id, "query": "SELECT * FROM events WHERE id = ?", "params": [1 + i % max_id]},
+            )
             if r.status_code == 200 and r.json()["rows"]:
                 lat.append(time.perf_counter() - t)
 
@@ -123,8 +138,10 @@ async def query_latency(rep: Replicator, agent_id: str, max_id: int, rate: int =
 
 async def naive_baseline(base: Path, seconds: float = 5.0) -> tuple[float, list[float]]:
     port = free_port()
-    proc = subprocess.Popen([str(BIN / "python"), str(Path(__file__).parent / "naive_relay.py"), str(port),
-                             str(base / "naive-relay.db")], start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "python"), str(Path(__file__).parent / "naive_relay.py"), str(port), str(base / "naive-relay.db")],
+        start_new_session=True,
+    )
     try:
         wait_port(port)
         local = sqlite3.connect(base / "naive-agent.db")
@@ -140,9 +157,15 @@ async def naive_baseline(base: Path, seconds: float = 5.0) -> tuple[float, list[
                 t = time.perf_counter()
                 cur = local.execute("INSERT INTO events (kind, payload, score) VALUES (?, ?, ?)", ("n", str(n), 0.5))
                 local.commit()
-                await client.post(f"http://127.0.0.1:{port}/relay/immediate", json={
-                    "agent_id": "naive", "table": "events",
-                    "data": {"id": cur.lastrowid, "kind": "n", "payload": str(n), "score": 0.5}, "timestamp": time.time()})
+                await client.post(
+                    f"http://127.0.0.1:{port}/relay/immediate",
+                    json={
+                        "agent_id": "naive",
+                        "table": "events",
+                        "data": {"id": cur.lastrowid, "kind": "n", "payload": str(n), "score": 0.5},
+                        "timestamp": time.time(),
+                    },
+                )
                 lat.append(time.perf_counter() - t)
                 n += 1
             return n / (time.perf_counter() - t0), lat
@@ -175,14 +198,26 @@ async def main() -> None:
             try:
                 st = await agent(base / "a", "bench-lag", url)
                 lags = await lag_at_rate(st, rep)
-                report("replication lag at 1,000 writes/s, commit -> /relay/query, p50", pct(lags, 50) * 1e3, "ms",
-                       "(target <= 5 ms)")
+                report(
+                    "replication lag at 1,000 writes/s, commit -> /relay/query, p50",
+                    pct(lags, 50) * 1e3,
+                    "ms",
+                    "(target <= 5 ms)",
+                )
                 report("replication lag at 1,000 writes/s, p99", pct(lags, 99) * 1e3, "ms", "(target <= 20 ms)")
                 report("  (probes answered)", len(lags), "")
-                report("end-to-end rows/s, 100-row transactions (200,000 rows)",
-                       await throughput(st, rep, txs=2000, rows=100), "rows/s", "(target >= 100,000)")
-                report("end-to-end single-row transactions/s, 8 writers", await single_row_tps(st, rep), "tx/s",
-                       "(target >= 10,000)")
+                report(
+                    "end-to-end rows/s, 100-row transactions (200,000 rows)",
+                    await throughput(st, rep, txs=2000, rows=100),
+                    "rows/s",
+                    "(target >= 100,000)",
+                )
+                report(
+                    "end-to-end single-row transactions/s, 8 writers",
+                    await single_row_tps(st, rep),
+                    "tx/s",
+                    "(target >= 10,000)",
+                )
                 max_id = (await st.query_local("SELECT max(id) AS m FROM events"))[0]["m"]
                 qlat = await query_latency(rep, st.agent_id, max_id)
                 report("/relay/query primary-key lookup at 500 req/s, p50", pct(qlat, 50) * 1e3, "ms")
@@ -194,8 +229,7 @@ async def main() -> None:
 
             naive_rate, naive_lat = await naive_baseline(base)
             report("baseline (guide): local insert + HTTP POST per write, writes/s", naive_rate, "w/s")
-            report("baseline write p50 / p99", pct(naive_lat, 50) * 1e3, "ms",
-                   f"p99 {pct(naive_lat, 99) * 1e3:.3f} ms")
+            report("baseline write p50 / p99", pct(naive_lat, 50) * 1e3, "ms", f"p99 {pct(naive_lat, 99) * 1e3:.3f} ms")
             report("ours: write_data (replicated via JetStream), one writer, writes/s", ours_rate, "w/s")
             report("ours write p50 / p99", pct(ours_lat, 50) * 1e3, "ms", f"p99 {pct(ours_lat, 99) * 1e3:.3f} ms")
             report("ratio ours / baseline, sequential writes/s", ours_rate / naive_rate, "x")
@@ -206,8 +240,12 @@ async def main() -> None:
             rows, per_tx = args.catchup_rows, 100
             t = time.perf_counter()
             for i in range(rows // per_tx):
-                await st.batch_write([{"table": "events", "data": {"kind": "c", "payload": f"{i}-{j}", "score": j}}
-                                      for j in range(per_tx)])
+                await st.batch_write(
+                    [
+                        {"table": "events", "data": {"kind": "c", "payload": f"{i}-{j}", "score": j}}
+                        for j in range(per_tx)
+                    ]
+                )
             await st.flush(timeout=600)
             report(f"backlog written + in JetStream ({rows:,} rows)", time.perf_counter() - t, "s")
             last = await st.last_committed_seq()

@@ -1,6 +1,6 @@
 """The guide's approach, as a baseline: a relay that inserts every POSTed row into SQLite.
 
-    .venv/bin/python bench/naive_relay.py PORT DB_PATH
+.venv/bin/python bench/naive_relay.py PORT DB_PATH
 """
 
 from __future__ import annotations

@@ -364,7 +364,9 @@ class AgentReplica:
         except sqlite3.Error as exc:
             raise RecordRejected(f"cannot create {layout.table!r}: {exc}") from None
         self._save_table(
-            TableMeta(layout.table, "agent", "always", tuple(layout.columns), tuple(types), tuple(layout.pk), layout.sql)
+            TableMeta(
+                layout.table, "agent", "always", tuple(layout.columns), tuple(types), tuple(layout.pk), layout.sql
+            )
         )
 
     def _announce(self, layout: TableLayout) -> None:
@@ -423,22 +425,30 @@ class AgentReplica:
             for col in missing:
                 self.conn.execute(f"ALTER TABLE {q(table)} ADD COLUMN {q(col)}")
             meta = TableMeta(
-                table, "relay", "always", meta.columns + tuple(missing), meta.types + ("",) * len(missing), meta.pk, None
+                table,
+                "relay",
+                "always",
+                meta.columns + tuple(missing),
+                meta.types + ("",) * len(missing),
+                meta.pk,
+                None,
             )
             self._save_table(meta)
-        cols = list(values)
-        sql = f"INSERT INTO {q(table)} ({', '.join(map(q, cols))}) VALUES ({', '.join('?' * len(cols))})"
+        insert_cols = list(values)
+        sql = f"INSERT INTO {q(table)} ({', '.join(map(q, insert_cols))}) VALUES ({', '.join('?' * len(insert_cols))})"
         if meta.pk:
             if not all(c in values for c in meta.pk):
                 raise RecordRejected(f"row for {table} lacks its primary key {list(meta.pk)}")
-            updates = [c for c in cols if c not in meta.pk]
+            updates = [c for c in insert_cols if c not in meta.pk]
             target = ", ".join(map(q, meta.pk))
             if updates:
-                sql += f" ON CONFLICT ({target}) DO UPDATE SET " + ", ".join(f"{q(c)} = excluded.{q(c)}" for c in updates)
+                sql += f" ON CONFLICT ({target}) DO UPDATE SET " + ", ".join(
+                    f"{q(c)} = excluded.{q(c)}" for c in updates
+                )
             else:
                 sql += f" ON CONFLICT ({target}) DO NOTHING"
         try:
-            self.conn.execute(sql, [values[c] for c in cols])
+            self.conn.execute(sql, [values[c] for c in insert_cols])
         except sqlite3.Error as exc:
             raise RecordRejected(f"cannot write relay row into {table}: {exc}") from None
 

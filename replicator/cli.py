@@ -64,8 +64,22 @@ def _settings(args: argparse.Namespace) -> Settings:
         "nats_url": args.nats_url or None,
         "log_level": args.log_level,
     }
-    for name in ("host", "port", "nats_host", "nats_port", "nats_advertise", "durable", "stream_replicas", "auth",
-                 "nats_seed_file", "tls_cert", "tls_key", "nats_tls_cert", "nats_tls_key", "nats_tls_ca"):
+    for name in (
+        "host",
+        "port",
+        "nats_host",
+        "nats_port",
+        "nats_advertise",
+        "durable",
+        "stream_replicas",
+        "auth",
+        "nats_seed_file",
+        "tls_cert",
+        "tls_key",
+        "nats_tls_cert",
+        "nats_tls_key",
+        "nats_tls_ca",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
@@ -160,8 +174,12 @@ async def rebuild(settings: Settings) -> int:
                 last_print = now
                 pct = 100.0 * done / total if total else 100.0
                 rate = done / max(now - started, 1e-9)
-                print(f"\rrebuild: {done}/{total} messages ({pct:5.1f}%), {rate:,.0f} msg/s", end="",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"\rrebuild: {done}/{total} messages ({pct:5.1f}%), {rate:,.0f} msg/s",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
         consumer.on_batch = progress
         await consumer.run(until_idle=True)
@@ -223,7 +241,7 @@ def auth_command(args: argparse.Namespace) -> int:
             seed, token = store.add_agent(args.agent_id, on_demand_readers=readers)
             print(f"agent {args.agent_id}:")
             print(f"  NATS nkey seed file: {store.root / 'agents' / (args.agent_id + '.nk')}")
-            print(f"    (give it to the agent as COMMANDER_NATS_SEED_FILE, or its content as COMMANDER_NATS_SEED)")
+            print("    (give it to the agent as COMMANDER_NATS_SEED_FILE, or its content as COMMANDER_NATS_SEED)")
             print(f"  API token (shown once; COMMANDER_HTPC_TOKEN): {token}")
             del seed
         elif args.auth_command == "share":
@@ -256,8 +274,11 @@ def status(url: str, token: str | None = None) -> int:
             health = client.get(f"{url}/health").json()
             resp = client.get(f"{url}/relay/agents")
             if resp.status_code in (401, 403):
-                print(f"replicator status: {url} needs a token (--token / REPLICATOR_TOKEN): "
-                      f"{resp.json().get('message')}", file=sys.stderr)
+                print(
+                    f"replicator status: {url} needs a token (--token / REPLICATOR_TOKEN): "
+                    f"{resp.json().get('message')}",
+                    file=sys.stderr,
+                )
                 return 2
             agents = resp.json()["agents"]
     except (httpx.HTTPError, ValueError, KeyError) as exc:
@@ -317,16 +338,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", default=env("DATA_DIR", "data"), help="data directory [REPLICATOR_DATA_DIR]")
-        p.add_argument("--nats-url", default=env("NATS_URL"), help="existing NATS server/cluster "
-                       "(comma-separated); default: run an embedded nats-server [REPLICATOR_NATS_URL]")
+        p.add_argument(
+            "--nats-url",
+            default=env("NATS_URL"),
+            help="existing NATS server/cluster "
+            "(comma-separated); default: run an embedded nats-server [REPLICATOR_NATS_URL]",
+        )
         p.add_argument("--nats-host", default=env("NATS_HOST"), help="embedded server listen address")
         p.add_argument("--nats-port", type=int, default=env("NATS_PORT"), help="embedded server port")
         p.add_argument("--durable", default=env("DURABLE"), help="durable consumer name [REPLICATOR_DURABLE]")
-        p.add_argument("--stream-replicas", type=int, default=env("STREAM_REPLICAS"),
-                       help="replicas when creating AGENT_CHANGES (3 on a cluster)")
-        p.add_argument("--log-level", default=env("LOG_LEVEL", "warning"), choices=["debug", "info", "warning", "error"])
-        p.add_argument("--nats-seed-file", default=env("NATS_SEED_FILE"),
-                       help="the replicator's nkey seed for a secured external NATS [REPLICATOR_NATS_SEED_FILE]")
+        p.add_argument(
+            "--stream-replicas",
+            type=int,
+            default=env("STREAM_REPLICAS"),
+            help="replicas when creating AGENT_CHANGES (3 on a cluster)",
+        )
+        p.add_argument(
+            "--log-level", default=env("LOG_LEVEL", "warning"), choices=["debug", "info", "warning", "error"]
+        )
+        p.add_argument(
+            "--nats-seed-file",
+            default=env("NATS_SEED_FILE"),
+            help="the replicator's nkey seed for a secured external NATS [REPLICATOR_NATS_SEED_FILE]",
+        )
         p.add_argument("--nats-tls-ca", default=env("NATS_TLS_CA"), help="CA of the NATS server's certificate")
 
     p_serve = sub.add_parser("serve", help="run the HTPC: consumer, central store, relay API")
@@ -334,8 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--host", default=env("HOST", "127.0.0.1"), help="HTTP listen address [REPLICATOR_HOST]")
     p_serve.add_argument("--port", type=int, default=env("PORT", "8000"), help="HTTP port [REPLICATOR_PORT]")
     p_serve.add_argument("--nats-advertise", default=env("NATS_ADVERTISE"), help="NATS URL given to agents")
-    p_serve.add_argument("--auth", default=env("AUTH", "auto"), choices=["auto", "on", "off"],
-                         help="NATS credentials + API tokens; auto = on unless --host is loopback [REPLICATOR_AUTH]")
+    p_serve.add_argument(
+        "--auth",
+        default=env("AUTH", "auto"),
+        choices=["auto", "on", "off"],
+        help="NATS credentials + API tokens; auto = on unless --host is loopback [REPLICATOR_AUTH]",
+    )
     p_serve.add_argument("--tls-cert", default=env("TLS_CERT"), help="serve the API over HTTPS with this certificate")
     p_serve.add_argument("--tls-key", default=env("TLS_KEY"), help="private key of --tls-cert")
     p_serve.add_argument("--nats-tls-cert", default=env("NATS_TLS_CERT"), help="TLS certificate for embedded NATS")
@@ -350,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     auth_sub.add_parser("init", help="create the replicator's own NATS key")
     p_add = auth_sub.add_parser("add-agent", help="new NATS key + API token for an agent (prints them once)")
     p_add.add_argument("agent_id")
-    p_add.add_argument("--share-on-demand-with", default="", help="comma-separated agents that may query its "
-                       "on_demand tables")
+    p_add.add_argument(
+        "--share-on-demand-with", default="", help="comma-separated agents that may query its on_demand tables"
+    )
     p_op = auth_sub.add_parser("add-operator", help="new operator API token (prints it once)")
     p_op.add_argument("name")
     p_share = auth_sub.add_parser("share", help="let other agents query this agent's on_demand tables")

@@ -239,9 +239,7 @@ class Consumer:
         return msgs
 
     async def _handle(self, msgs: list[Msg]) -> None:
-        items = [
-            _Item(m.subject, m.data, m.metadata.sequence.stream if m.reply else None) for m in msgs
-        ]
+        items = [_Item(m.subject, m.data, m.metadata.sequence.stream if m.reply else None) for m in msgs]
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         result = await loop.run_in_executor(self._executor, self._process_batch, items)
@@ -311,7 +309,9 @@ class Consumer:
         if stale:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._rollback, stale)
             for agent in stale:
-                log.warning("agent %s: multi-part transaction incomplete after %.0fs; retrying", agent, self.group_timeout)
+                log.warning(
+                    "agent %s: multi-part transaction incomplete after %.0fs; retrying", agent, self.group_timeout
+                )
                 for m in self._held.pop(agent, []):
                     with contextlib.suppress(Exception):
                         await m.nak(delay=self.nak_delay)
@@ -350,14 +350,14 @@ class Consumer:
             elif not rep.in_txn:
                 result.committed.append(agent)
         done = set(result.committed)
-        for i, (action, agent) in enumerate(actions):
+        for i, (action, owner) in enumerate(actions):
             if action == _APPLIED:
-                if agent in done:
-                    actions[i] = (ACK, agent)
-                elif agent in result.failed:
-                    actions[i] = (NAK, agent)
+                if owner in done:
+                    actions[i] = (ACK, owner)
+                elif owner in result.failed:
+                    actions[i] = (NAK, owner)
                 else:
-                    actions[i] = (HOLD, agent)  # inside a multi-part transaction still open
+                    actions[i] = (HOLD, owner)  # inside a multi-part transaction still open
         return result
 
     def _dead(self, item: _Item, agent: str | None, reason: str) -> tuple[str, str | None]:
@@ -402,10 +402,7 @@ class Consumer:
         saved = rep.snapshot_state()
         rep.savepoint()
         try:
-            if isinstance(rec, RelayRecord):
-                outcome = rep.apply_relay(rec, item.stream_seq)
-            else:
-                outcome = rep.apply_changes(rec)
+            outcome = rep.apply_relay(rec, item.stream_seq) if isinstance(rec, RelayRecord) else rep.apply_changes(rec)
             rep.release()
             if outcome is Outcome.DUPLICATE:
                 self.stats.duplicates += 1

@@ -39,13 +39,17 @@ class DeadLetterStore:
     def add(self, *, agent_id: str | None, subject: str, stream_seq: int | None, reason: str, payload: bytes) -> int:
         with self._lock:
             cur = self._conn.execute(
-                "INSERT INTO dead_letters (at, agent_id, subject, stream_seq, reason, payload) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO dead_letters (at, agent_id, subject, stream_seq, reason, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (time.time(), agent_id, subject, stream_seq, reason, payload[:MAX_PAYLOAD_KEPT]),
             )
             return int(cur.lastrowid or 0)
 
     def list(self, *, agent_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        sql = "SELECT id, at, agent_id, subject, stream_seq, reason, length(payload), substr(payload, 1, 200) FROM dead_letters"
+        sql = (
+            "SELECT id, at, agent_id, subject, stream_seq, reason, length(payload), substr(payload, 1, 200) "
+            "FROM dead_letters"
+        )
         params: tuple[Any, ...] = ()
         if agent_id is not None:
             sql += " WHERE agent_id = ?"

@@ -36,25 +36,57 @@ def render_metrics(service: ReplicatorService) -> str:
             ("fetch_stalls", "Fetches cut off by the watchdog"),
             ("commit_failures", "Central commits that failed and were retried"),
         ):
-            metric(f"replicator_records_{field}_total" if field != "messages" else "replicator_messages_total",
-                   "counter", help_text, [({}, float(getattr(st, field)))])
+            metric(
+                f"replicator_records_{field}_total" if field != "messages" else "replicator_messages_total",
+                "counter",
+                help_text,
+                [({}, float(getattr(st, field)))],
+            )
         metric("replicator_apply_seconds_total", "counter", "Time spent applying batches", [({}, st.apply_seconds)])
-        metric("replicator_consumer_running", "gauge", "1 while the consumer loop runs",
-               [({}, 1.0 if consumer.running else 0.0)])
+        metric(
+            "replicator_consumer_running",
+            "gauge",
+            "1 while the consumer loop runs",
+            [({}, 1.0 if consumer.running else 0.0)],
+        )
     if service.dead_letters is not None:
-        metric("replicator_dead_letters", "gauge", "Records in the dead-letter store",
-               [({}, float(service.dead_letters.total()))])
-    metric("replicator_nats_connected", "gauge", "1 while connected to NATS",
-           [({}, 1.0 if service.nc is not None and service.nc.is_connected else 0.0)])
-    metric("replicator_relay_published_total", "counter", "Relay API writes published to JetStream",
-           [({}, float(service.relay_published))])
+        metric(
+            "replicator_dead_letters",
+            "gauge",
+            "Records in the dead-letter store",
+            [({}, float(service.dead_letters.total()))],
+        )
+    metric(
+        "replicator_nats_connected",
+        "gauge",
+        "1 while connected to NATS",
+        [({}, 1.0 if service.nc is not None and service.nc.is_connected else 0.0)],
+    )
+    metric(
+        "replicator_relay_published_total",
+        "counter",
+        "Relay API writes published to JetStream",
+        [({}, float(service.relay_published))],
+    )
     if service.store is not None:
         agents = service.store.describe()
         now = time.time()
-        metric("replicator_agent_watermark", "gauge", "Last change sequence applied per agent",
-               [({"agent": a["agent_id"]}, float(a["watermark"])) for a in agents])
-        metric("replicator_agent_lag_changes", "gauge", "Changes seen but not yet applied per agent",
-               [({"agent": a["agent_id"]}, float(a["lag_changes"])) for a in agents])
-        metric("replicator_agent_seconds_since_seen", "gauge", "Seconds since the last record per agent",
-               [({"agent": a["agent_id"]}, round(now - a["last_seen"], 3)) for a in agents if a["last_seen"]])
+        metric(
+            "replicator_agent_watermark",
+            "gauge",
+            "Last change sequence applied per agent",
+            [({"agent": a["agent_id"]}, float(a["watermark"])) for a in agents],
+        )
+        metric(
+            "replicator_agent_lag_changes",
+            "gauge",
+            "Changes seen but not yet applied per agent",
+            [({"agent": a["agent_id"]}, float(a["lag_changes"])) for a in agents],
+        )
+        metric(
+            "replicator_agent_seconds_since_seen",
+            "gauge",
+            "Seconds since the last record per agent",
+            [({"agent": a["agent_id"]}, round(now - a["last_seen"], 3)) for a in agents if a["last_seen"]],
+        )
     return "\n".join(lines) + "\n"

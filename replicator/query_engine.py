@@ -55,7 +55,7 @@ def _tokens(sql: str) -> list[tuple[str, str]]:
         if kind == "qident":
             quote = text[0]
             inner = text[1:-1] if len(text) > 1 else ""
-            text = inner.replace(quote * 2, quote) if quote in "\"`" else inner
+            text = inner.replace(quote * 2, quote) if quote in '"`' else inner
             kind = "ident"
         out.append((kind, text))
     return out
@@ -80,9 +80,13 @@ def table_references(sql: str) -> tuple[set[str], set[tuple[str | None, str]]]:
         if kind == "ident" and nxt == ("punct", ".") and nxt2[0] == "ident":
             schemas.add(text)
             refs.add((text, nxt2[1]))
-        elif kind == "ident" and prev_kw in ("FROM", "JOIN", ",") and in_from:
-            if not (i > 0 and toks[i - 1] == ("punct", ".")):
-                refs.add((None, text))
+        elif (
+            kind == "ident"
+            and prev_kw in ("FROM", "JOIN", ",")
+            and in_from
+            and not (i > 0 and toks[i - 1] == ("punct", "."))
+        ):
+            refs.add((None, text))
         if upper in ("FROM", "JOIN"):
             in_from = True
             prev_kw = upper
@@ -261,18 +265,22 @@ class QueryEngine:
             )
         return owners.pop()
 
-    async def _forward(
-        self, owner: str, sql: str, params: Any, timeout_ms: int, max_rows: int
-    ) -> dict[str, Any]:
+    async def _forward(self, owner: str, sql: str, params: Any, timeout_ms: int, max_rows: int) -> dict[str, Any]:
         nc = self._nc()
         if nc is None or not nc.is_connected:
             raise AgentOffline(f"agent {owner} cannot be reached: the HTPC is not connected to NATS")
-        request = {"query": sql, "params": params if params is not None else [], "timeout_ms": timeout_ms,
-                   "max_rows": max_rows}
+        request = {
+            "query": sql,
+            "params": params if params is not None else [],
+            "timeout_ms": timeout_ms,
+            "max_rows": max_rows,
+        }
         try:
             msg = await nc.request(query_subject(owner), orjson.dumps(request), timeout=timeout_ms / 1000 + 1.0)
         except nats.errors.NoRespondersError:
-            raise AgentOffline(f"agent {owner} is offline; its on_demand tables are answered only while it runs") from None
+            raise AgentOffline(
+                f"agent {owner} is offline; its on_demand tables are answered only while it runs"
+            ) from None
         except nats.errors.TimeoutError:
             raise AgentOffline(f"agent {owner} did not answer within {timeout_ms} ms") from None
         self.forwarded += 1
@@ -290,7 +298,6 @@ class QueryEngine:
             "applied_seq": None,
             "answered_by": owner,
         }
-
 
     def close(self) -> None:
         self._pool.close()

@@ -29,22 +29,22 @@ from agent_client.change_record import RECORD_VERSION, RelayRecord, RelayRow, en
 from agent_client.identifiers import is_valid_identifier
 from agent_client.stream import STREAM_NAME
 
+from .auth import Principal
 from .central_store import relay_value
 from .errors import (
     BadRequest,
+    Forbidden,
     InvalidAgent,
     InvalidName,
     InvalidValue,
     NatsUnavailable,
     PayloadTooLarge,
-    Forbidden,
     RecordRejected,
     ReplicatorError,
     TableOwnedByAgent,
     Unauthorized,
     UnknownAgent,
 )
-from .auth import Principal
 from .metrics import render_metrics
 from .service import ReplicatorService
 
@@ -233,7 +233,9 @@ def create_app(service: ReplicatorService) -> FastAPI:
             raise NatsUnavailable("the HTPC is not connected to NATS; retry later")
         try:
             ack = await js.publish(
-                changes_subject(agent_id), payload, timeout=5.0,
+                changes_subject(agent_id),
+                payload,
+                timeout=5.0,
                 headers={"Nats-Msg-Id": f"relay:{agent_id}:{key}"},
             )
         except nats.errors.MaxPayloadError:  # retrying cannot help: not a 503
@@ -360,9 +362,12 @@ def create_app(service: ReplicatorService) -> FastAPI:
         agents = _agents() if service.store is not None else []
         return {
             "status": "ok" if nats_ok and running else "degraded",
-            "nats": {"connected": nats_ok, "url": service.nats_url,
-                     "embedded": service.embedded is not None,
-                     "embedded_restarts": service.embedded.restarts if service.embedded else 0},
+            "nats": {
+                "connected": nats_ok,
+                "url": service.nats_url,
+                "embedded": service.embedded is not None,
+                "embedded_restarts": service.embedded.restarts if service.embedded else 0,
+            },
             "consumer": {
                 "running": running,
                 "durable": s.durable,
@@ -383,8 +388,9 @@ def create_app(service: ReplicatorService) -> FastAPI:
         nats_ok = service.nc is not None and service.nc.is_connected
         running = service.consumer is not None and service.consumer.running
         status = 200 if nats_ok and running else 503
-        return JSONResponse({"ready": status == 200, "nats_connected": nats_ok, "consumer_running": running},
-                            status_code=status)
+        return JSONResponse(
+            {"ready": status == 200, "nats_connected": nats_ok, "consumer_running": running}, status_code=status
+        )
 
     @app.get("/metrics", tags=["info"], response_class=PlainTextResponse)
     async def metrics(who: Principal | None = Depends(principal)) -> Response:

@@ -102,13 +102,20 @@ class ReplicatorService:
             self.auth = AuthStore(s.data_dir / "auth")
             if not self.auth.initialized:
                 seed_file = self.auth.init()
-                log.warning("auth is on: created the replicator's NATS key (%s); add agents with "
-                            "`replicator auth add-agent ID --data-dir %s`", seed_file, s.data_dir)
+                log.warning(
+                    "auth is on: created the replicator's NATS key (%s); add agents with "
+                    "`replicator auth add-agent ID --data-dir %s`",
+                    seed_file,
+                    s.data_dir,
+                )
         if not s.nats_url:
             self.embedded = EmbeddedNats(
-                s.data_dir / "nats", host=s.nats_host, port=s.nats_port,
+                s.data_dir / "nats",
+                host=s.nats_host,
+                port=s.nats_port,
                 authorization=self.auth.nats_authorization_conf() if self.auth else None,
-                tls_cert=s.nats_tls_cert, tls_key=s.nats_tls_key,
+                tls_cert=s.nats_tls_cert,
+                tls_key=s.nats_tls_key,
             )
             await self.embedded.start()
             self.nats_url = self.embedded.url

@@ -64,23 +64,27 @@ async def random_transaction(storage: AgentStorage, rng: random.Random) -> tuple
             if op < 0.35:
                 await tx.execute(
                     "INSERT OR REPLACE INTO items (id, name, qty, price, data) VALUES (?, ?, ?, ?, ?)",
-                    (item, f"item-{item}-{rng.randint(0, 9999)}", rng.randint(-(2**40), 2**40),
-                     rng.choice([rng.random() * 1e6, -0.0, 1e-310]), rng.randbytes(rng.randint(0, 16))),
+                    (
+                        item,
+                        f"item-{item}-{rng.randint(0, 9999)}",
+                        rng.randint(-(2**40), 2**40),
+                        rng.choice([rng.random() * 1e6, -0.0, 1e-310]),
+                        rng.randbytes(rng.randint(0, 16)),
+                    ),
                 )
             elif op < 0.55:
                 await tx.execute("UPDATE items SET qty = qty + 1, price = ? WHERE id = ?", (rng.random(), item))
             elif op < 0.65:
                 await tx.execute("DELETE FROM items WHERE id = ?", (item,))
             elif op < 0.75:
-                await tx.execute(
-                    "UPDATE OR IGNORE items SET id = ? WHERE id = ?", (rng.randint(251, 400), item)
-                )
+                await tx.execute("UPDATE OR IGNORE items SET id = ? WHERE id = ?", (rng.randint(251, 400), item))
             elif op < 0.82:
                 await tx.execute("UPDATE items SET name = name || '+' WHERE id % 11 = ?", (rng.randint(0, 10),))
             elif op < 0.95:
                 key = f"tag-{rng.randint(1, 60)}"
                 await tx.execute(
-                    "INSERT INTO tags (k, v, n) VALUES (?, ?, 1) ON CONFLICT (k) DO UPDATE SET n = n + 1, v = excluded.v",
+                    "INSERT INTO tags (k, v, n) VALUES (?, ?, 1) "
+                    "ON CONFLICT (k) DO UPDATE SET n = n + 1, v = excluded.v",
                     (key, "é✓" * rng.randint(0, 3)),
                 )
             else:

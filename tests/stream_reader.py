@@ -100,9 +100,7 @@ async def read_agent_stream(url: str, agent_id: str, timeout: float = 10.0) -> l
         expected = await subject_message_count(js, subject)
         if expected == 0:
             return out
-        sub = await js.subscribe(
-            subject, stream=STREAM_NAME, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-        )
+        sub = await js.subscribe(subject, stream=STREAM_NAME, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
         try:
             while True:
                 msg = await sub.next_msg(timeout=timeout)
@@ -141,9 +139,7 @@ def flatten(messages: Iterable[StreamMessage]) -> list[Change]:
     return out
 
 
-def assert_exactly_once(
-    messages: list[StreamMessage], agent_id: str, epoch: str, last_seq: int
-) -> None:
+def assert_exactly_once(messages: list[StreamMessage], agent_id: str, epoch: str, last_seq: int) -> None:
     """Records of `epoch` cover 1..last_seq exactly once, in order, each with its deterministic Nats-Msg-Id."""
     mine = [m for m in messages if m.record.epoch == epoch]
     seen: list[int] = []

@@ -48,9 +48,7 @@ def external_connection(db_path: Path) -> sqlite3.Connection:
 
 def records_holding(messages: list[StreamMessage], seqs: set[int]) -> list[int]:
     """Indexes of the records that carry any of `seqs`."""
-    return [
-        i for i, m in enumerate(messages) if any(seq in seqs for seq, _op, _lid, _v in m.record.changes)
-    ]
+    return [i for i, m in enumerate(messages) if any(seq in seqs for seq, _op, _lid, _v in m.record.changes)]
 
 
 # --------------------------------------------------------------------------- order, exactly once
@@ -348,9 +346,7 @@ async def test_batch_write_is_one_record(nats_server: NatsServer, tmp_path: Path
         )
         for round_ in range(10):
             before = await st.last_committed_seq()
-            await st.batch_write(
-                [{"table": "a" if k % 2 else "b", "data": {"v": f"{round_}.{k}"}} for k in range(30)]
-            )
+            await st.batch_write([{"table": "a" if k % 2 else "b", "data": {"v": f"{round_}.{k}"}} for k in range(30)])
             after = await st.last_committed_seq()
             assert after - before == 30
             await st.write_data("b", {"v": "between"})

@@ -77,7 +77,9 @@ async def test_restarted_publisher_resends_with_the_same_ids(nats_server: NatsSe
     dead_url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there: the agent works offline
     async with storage(tmp_path, dead_url) as st:
         await create_tables(
-            st, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)", "CREATE TABLE u (k TEXT PRIMARY KEY, n)",
+            st,
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
+            "CREATE TABLE u (k TEXT PRIMARY KEY, n)",
             always=["t", "u"],
         )
         for i in range(300):
@@ -157,9 +159,7 @@ async def test_local_writes_go_on_while_nats_is_down_and_the_backlog_drains(
         written_during = await task
         assert written_during > 0
 
-        await wait_until(
-            lambda: _disconnected(st), timeout=15, what="health_check to show NATS disconnected"
-        )
+        await wait_until(lambda: _disconnected(st), timeout=15, what="health_check to show NATS disconnected")
         backlog1 = (await st.health_check())["backlog"]["changes"]
         rows_before = (await st.query_local("SELECT count(*) AS n FROM t"))[0]["n"]
         t0 = time.monotonic()
@@ -228,8 +228,18 @@ class AgentProcess:
     async def start(cls, mode: str, data_dir: Path, url: str, seed: int = 0) -> AgentProcess:
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.agent_writer_proc", mode, str(data_dir), AGENT, url, str(seed),
-            cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "tests.agent_writer_proc",
+            mode,
+            str(data_dir),
+            AGENT,
+            url,
+            str(seed),
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         return cls(proc)
 

@@ -41,15 +41,30 @@ class AgentProcess:
 
     def _argv(self, *extra: str) -> list[str]:
         self.seed += 1
-        return [sys.executable, "-m", "tests.chaos_agent", str(self.data_dir), AGENT_ID, self.nats_url,
-                str(self.history), str(self.seed), *extra]
+        return [
+            sys.executable,
+            "-m",
+            "tests.chaos_agent",
+            str(self.data_dir),
+            AGENT_ID,
+            self.nats_url,
+            str(self.history),
+            str(self.seed),
+            *extra,
+        ]
 
     def start(self) -> None:
         """Start and wait until this process says `ready` (its SIGTERM handler is installed by then)."""
         offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self._argv(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self._argv(),
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if b"ready" in self.log.read_bytes()[offset:]:
@@ -71,8 +86,14 @@ class AgentProcess:
     def flush(self) -> None:
         """Publish whatever the killed/stopped agent left in its log (a process that only flushes)."""
         with self.log.open("ab") as out:
-            code = subprocess.run(self._argv("--flush-and-exit"), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, timeout=120).returncode
+            code = subprocess.run(
+                self._argv("--flush-and-exit"),
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                timeout=120,
+            ).returncode
         assert code == 0, self.log.read_text()[-2000:]
 
 

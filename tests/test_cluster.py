@@ -111,10 +111,15 @@ async def stream_info(cluster: NatsCluster) -> StreamInfo:
         return await js.stream_info(STREAM_NAME)
 
 
-async def stream_leader(cluster: NatsCluster) -> int:
-    info = await stream_info(cluster)
-    assert info.cluster is not None and info.cluster.leader, "the stream has no leader"
-    return cluster.index_by_name(info.cluster.leader)
+async def stream_leader(cluster: NatsCluster, timeout: float = 15.0) -> int:
+    """The node leading AGENT_CHANGES; waits out an election in progress (a leaderless moment is normal)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        info = await stream_info(cluster)
+        if info.cluster is not None and info.cluster.leader:
+            return cluster.index_by_name(info.cluster.leader)
+        assert asyncio.get_running_loop().time() < deadline, "the stream has no leader"
+        await asyncio.sleep(0.1)
 
 
 async def _other_leader(cluster: NatsCluster, node: int) -> int | None:
@@ -286,10 +291,7 @@ async def assert_stream_exact(cluster: NatsCluster, storage: AgentStorage, writt
 def summary(label: str, values: list[float]) -> str:
     if not values:
         return f"{label}: none"
-    return (
-        f"{label}: n={len(values)} median={statistics.median(values) * 1000:.1f}ms "
-        f"max={max(values) * 1000:.1f}ms"
-    )
+    return f"{label}: n={len(values)} median={statistics.median(values) * 1000:.1f}ms max={max(values) * 1000:.1f}ms"
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -324,8 +326,10 @@ async def test_stream_leader_killed_mid_stream_and_restarted(cluster: NatsCluste
 
         restart_t0 = time.monotonic()
         await asyncio.to_thread(cluster.start, victim)
-        print(f"{cluster.nodes[victim].name} down {restart_t0 - killed_at:.2f}s, healthy again after "
-              f"{time.monotonic() - restart_t0:.2f}s")
+        print(
+            f"{cluster.nodes[victim].name} down {restart_t0 - killed_at:.2f}s, healthy again after "
+            f"{time.monotonic() - restart_t0:.2f}s"
+        )
         await advance(storage, 30, 20, "acknowledgements after the restart")
         await writer.stop()
         await storage.flush(timeout=30)
@@ -359,8 +363,10 @@ async def test_agent_fails_over_when_its_node_dies(cluster: NatsCluster, tmp_pat
         reconnected = time.monotonic() - killed_at
         took = await advance(storage, 50, 30, "acknowledgements after the failover")
         writer.check_running()
-        print(f"agent on {cluster.nodes[victim].name} killed: reconnected to {cluster.nodes[moved_to].name} after "
-              f"{reconnected:.2f}s, 50 more changes acked {took:.2f}s later")
+        print(
+            f"agent on {cluster.nodes[victim].name} killed: reconnected to {cluster.nodes[moved_to].name} after "
+            f"{reconnected:.2f}s, 50 more changes acked {took:.2f}s later"
+        )
         outage = writer.latencies(since=killed_at)
         assert outage and max(outage) < MAX_LOCAL_WRITE_S, summary("writes during failover", outage)
 
@@ -424,10 +430,12 @@ async def test_quorum_loss_stops_publishing_not_local_writes(cluster: NatsCluste
         await storage.write_data("t", {"id": -1, "v": "written without quorum"})
         single = time.monotonic() - t0
         outage = writer.latencies(since=lost_at)
-        print(f"no quorum: acked stuck at {stuck}, backlog {before['backlog']['changes']} -> "
-              f"{after['backlog']['changes']} changes (oldest {after['backlog']['oldest_age_s']:.1f}s), "
-              f"single write {single * 1000:.1f}ms; {summary('writes without quorum', outage)}; "
-              f"last error: {after['nats']['last_error']}")
+        print(
+            f"no quorum: acked stuck at {stuck}, backlog {before['backlog']['changes']} -> "
+            f"{after['backlog']['changes']} changes (oldest {after['backlog']['oldest_age_s']:.1f}s), "
+            f"single write {single * 1000:.1f}ms; {summary('writes without quorum', outage)}; "
+            f"last error: {after['nats']['last_error']}"
+        )
         assert single < MAX_LOCAL_WRITE_S
         assert max(outage) < MAX_LOCAL_WRITE_S, summary("writes without quorum", outage)
         with pytest.raises(FlushTimeout, match="not acknowledged"):
@@ -443,8 +451,10 @@ async def test_quorum_loss_stops_publishing_not_local_writes(cluster: NatsCluste
         await asyncio.to_thread(cluster.start, others[1])
         await writer.stop()
         await storage.flush(timeout=60)
-        print(f"restarted {cluster.nodes[others[0]].name} healthy after {quorum_at - restart_t0:.2f}s; backlog of "
-              f"{target - stuck} changes drained {drained:.2f}s later; no quorum for {quorum_at - lost_at:.1f}s")
+        print(
+            f"restarted {cluster.nodes[others[0]].name} healthy after {quorum_at - restart_t0:.2f}s; backlog of "
+            f"{target - stuck} changes drained {drained:.2f}s later; no quorum for {quorum_at - lost_at:.1f}s"
+        )
         await assert_stream_exact(cluster, storage, [*writer.written, -1])
         health = await storage.health_check()
         assert health["backlog"]["changes"] == 0 and health["nats"]["connected"]
@@ -498,8 +508,10 @@ async def test_replicator_serve_on_the_cluster(cluster: NatsCluster, tmp_path: P
                 await storage.flush(timeout=30)
                 expected = [[i, f"row {i}"] for i in range(200)]
                 await wait_for(lambda: _equal(rows(), expected), 60, "200 rows at the HTPC after the node kill")
-                print(f"replicator's node {cluster.nodes[victim].name} killed: all 200 rows queryable after "
-                      f"{time.monotonic() - killed_at:.2f}s")
+                print(
+                    f"replicator's node {cluster.nodes[victim].name} killed: all 200 rows queryable after "
+                    f"{time.monotonic() - killed_at:.2f}s"
+                )
                 health = (await http.get("/health")).json()
                 assert health["nats"]["connected"], health
                 moved = await asyncio.to_thread(cluster.client_node, "replicator:htpc-cluster")
@@ -558,8 +570,10 @@ async def test_replicator_reads_through_quorum_loss_and_catches_up(cluster: Nats
                 await asyncio.to_thread(cluster.start, lost[1])
                 await storage.flush(timeout=60)
                 await wait_for(lambda: _is(count(), 100), 60, "100 rows at the HTPC after quorum returned")
-                print(f"no quorum for {back_at - lost_at:.1f}s; central copy complete "
-                      f"{time.monotonic() - back_at:.2f}s after quorum returned")
+                print(
+                    f"no quorum for {back_at - lost_at:.1f}s; central copy complete "
+                    f"{time.monotonic() - back_at:.2f}s after quorum returned"
+                )
                 assert (await http.get("/health")).json()["status"] == "ok"
         finally:
             await storage.close()

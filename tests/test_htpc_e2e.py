@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import nats
 import orjson
-import pytest
 
 from agent_client import STREAM_NAME, AgentStorage, Migration, changes_subject
 from tests.htpc import (  # noqa: F401  (the *_fixture names register fixtures, including dependencies)

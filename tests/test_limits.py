@@ -97,8 +97,12 @@ async def test_stream_full_keeps_records_locally_until_limit_raised(tmp_path: Pa
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     config = StreamConfig(
-        name=STREAM_NAME, subjects=["agents.*.changes"], storage=StorageType.FILE,
-        max_bytes=64 * 1024, discard=DiscardPolicy.NEW, duplicate_window=120,
+        name=STREAM_NAME,
+        subjects=["agents.*.changes"],
+        storage=StorageType.FILE,
+        max_bytes=64 * 1024,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=120,
     )
     await js.add_stream(config)
     st = AgentStorage("full-agent", tmp_path / "agent", nats_url=nats_server.url)

@@ -51,9 +51,11 @@ async def _violations(errors: list[Exception], timeout: float = 3.0) -> list[str
     return [str(e) for e in errors if "ermission" in str(e)]
 
 
-async def test_server_config_is_valid_and_requires_credentials(secured: tuple[NatsServer, AuthStore, dict[str, str]]) -> None:
+async def test_server_config_is_valid_and_requires_credentials(
+    secured: tuple[NatsServer, AuthStore, dict[str, str]],
+) -> None:
     server, _store, _seeds = secured
-    with pytest.raises(Exception, match="(?i)authoriz"):
+    with pytest.raises(Exception, match=r"(?i)authoriz"):
         await nats.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
 
 
@@ -130,5 +132,5 @@ async def test_agent_storage_replicates_with_its_credentials(
         await st.migrate([Migration(1, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")])
         await st.set_visibility("t", "always")
         await st.write_data("t", {"v": "spoof"})
-        with pytest.raises(Exception, match="(?i)acknowledged|timeout"):
+        with pytest.raises(Exception, match=r"(?i)acknowledged|timeout"):
             await st.flush(timeout=3)

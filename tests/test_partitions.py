@@ -86,8 +86,11 @@ async def test_htpc_cut_off_from_nats_catches_up_after_heal(tmp_path: Path, nats
             proxy.cut()
             await _write(st, 300, "during")
             await st.flush(timeout=15)  # the agent still reaches JetStream; the HTPC does not
-            health = poll(lambda: (h := htpc.get("/health").json())["status"] == "degraded" and h or None, 20,
-                          "HTPC to notice it lost NATS")
+            health = poll(
+                lambda: ((h := htpc.get("/health").json())["status"] == "degraded" and h) or None,
+                20,
+                "HTPC to notice it lost NATS",
+            )
             assert health["nats"]["connected"] is False
             assert htpc.agents()["far-agent"]["watermark"] == last  # nothing applied while cut off
             proxy.heal()

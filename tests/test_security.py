@@ -7,6 +7,7 @@ own seed files and query with their own tokens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -25,8 +26,11 @@ from agent_client import AgentStorage, Migration, RecordDecodeError, decode_reco
 from tests.htpc import HtpcProcess, poll, run_cli
 
 SCHEMA = [
-    Migration(1, "CREATE TABLE jobs (id TEXT PRIMARY KEY, title TEXT, secret_rank INTEGER);"
-                 "CREATE TABLE interviews (id TEXT PRIMARY KEY, notes TEXT)")
+    Migration(
+        1,
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, title TEXT, secret_rank INTEGER);"
+        "CREATE TABLE interviews (id TEXT PRIMARY KEY, notes TEXT)",
+    )
 ]
 
 
@@ -120,9 +124,13 @@ def test_guide_batch_without_agent_id_uses_the_token(secured: Secured) -> None:
         assert resp.status_code == 202, resp.text
         assert resp.json()["published"][0]["agent_id"] == "agent-b"
         rows = poll(
-            lambda: b.post("/relay/query", json={"agent_id": "agent-b", "query": "SELECT id, text FROM notes"})
-            .json().get("rows"),
-            15, "relay batch applied",
+            lambda: (
+                b.post("/relay/query", json={"agent_id": "agent-b", "query": "SELECT id, text FROM notes"})
+                .json()
+                .get("rows")
+            ),
+            15,
+            "relay batch applied",
         )
         assert rows == [["n1", "hi"]]
 
@@ -130,7 +138,10 @@ def test_guide_batch_without_agent_id_uses_the_token(secured: Secured) -> None:
 async def test_agents_replicate_and_query_with_their_own_credentials(secured: Secured, tmp_path: Path) -> None:
     url = _nats_url(secured)
     async with AgentStorage(
-        "agent-a", tmp_path / "a", htpc_url=secured.htpc.url, nats_seed_file=secured.seeds["agent-a"],
+        "agent-a",
+        tmp_path / "a",
+        htpc_url=secured.htpc.url,
+        nats_seed_file=secured.seeds["agent-a"],
         htpc_token=secured.tokens["agent-a"],
     ) as a:
         assert a.nats_url is None  # learned from /relay/info, like any agent
@@ -143,30 +154,35 @@ async def test_agents_replicate_and_query_with_their_own_credentials(secured: Se
         assert mine["rows"] == [["j1", "storage engineer"]]
         # B may read A's `always` tables, not A's on_demand ones; C was granted them.
         async with secured.aclient("agent-b") as b:
-            resp = await b.post("/relay/query",
-                                json={"agent_id": "agent-b", "query": 'SELECT title FROM "agent-a".jobs'})
+            resp = await b.post(
+                "/relay/query", json={"agent_id": "agent-b", "query": 'SELECT title FROM "agent-a".jobs'}
+            )
             assert resp.status_code == 200 and resp.json()["rows"] == [["storage engineer"]], resp.text
-            resp = await b.post("/relay/query",
-                                json={"agent_id": "agent-b", "query": 'SELECT notes FROM "agent-a".interviews'})
+            resp = await b.post(
+                "/relay/query", json={"agent_id": "agent-b", "query": 'SELECT notes FROM "agent-a".interviews'}
+            )
             assert resp.status_code == 403, resp.text
         async with secured.aclient("agent-c") as c:
-            resp = await c.post("/relay/query",
-                                json={"agent_id": "agent-c", "query": 'SELECT notes FROM "agent-a".interviews'})
+            resp = await c.post(
+                "/relay/query", json={"agent_id": "agent-c", "query": 'SELECT notes FROM "agent-a".interviews'}
+            )
             assert resp.status_code == 200 and resp.json()["rows"] == [["strong"]], resp.text
     assert url.startswith("nats://")
 
 
 async def test_agent_with_another_agents_key_publishes_nothing(secured: Secured, tmp_path: Path) -> None:
-    async with AgentStorage("agent-a", tmp_path / "spoof", nats_url=_nats_url(secured),
-                            nats_seed_file=secured.seeds["agent-b"]) as spoof:
+    async with AgentStorage(
+        "agent-a", tmp_path / "spoof", nats_url=_nats_url(secured), nats_seed_file=secured.seeds["agent-b"]
+    ) as spoof:
         await spoof.migrate(SCHEMA)
         await spoof.set_visibility("jobs", "always")
         await spoof.write_data("jobs", {"id": "evil", "title": "spoofed", "secret_rank": 0})
-        with pytest.raises(Exception, match="(?i)acknowledged"):
+        with pytest.raises(Exception, match=r"(?i)acknowledged"):
             await spoof.flush(timeout=3)
     with secured.client("ops") as ops:
-        resp = ops.post("/relay/query", json={"agent_id": "agent-a", "query": "SELECT count(*) FROM jobs "
-                                                                             "WHERE id = 'evil'"})
+        resp = ops.post(
+            "/relay/query", json={"agent_id": "agent-a", "query": "SELECT count(*) FROM jobs WHERE id = 'evil'"}
+        )
         assert resp.status_code in (200, 400)
         if resp.status_code == 200:
             assert resp.json()["rows"] == [[0]]
@@ -174,10 +190,19 @@ async def test_agent_with_another_agents_key_publishes_nothing(secured: Secured,
 
 def test_injection_through_names_and_params_changes_nothing(secured: Secured) -> None:
     with secured.client("agent-c") as c:
-        assert c.post("/relay/immediate", json={"agent_id": "agent-c", "table": "safe",
-                                                "data": {"id": "s1", "v": "ok"}}).status_code == 202
-        poll(lambda: c.post("/relay/query", json={"agent_id": "agent-c", "query": "SELECT v FROM safe"})
-             .json().get("rows"), 15, "safe row applied")
+        assert (
+            c.post(
+                "/relay/immediate", json={"agent_id": "agent-c", "table": "safe", "data": {"id": "s1", "v": "ok"}}
+            ).status_code
+            == 202
+        )
+        poll(
+            lambda: (
+                c.post("/relay/query", json={"agent_id": "agent-c", "query": "SELECT v FROM safe"}).json().get("rows")
+            ),
+            15,
+            "safe row applied",
+        )
         for table, data in (
             ('safe"; DROP TABLE safe; --', {"id": "x"}),
             ("safe", {'v" TEXT); DROP TABLE safe; --': 1}),
@@ -195,9 +220,14 @@ def test_injection_through_names_and_params_changes_nothing(secured: Secured) ->
 
 
 def _json_of(integers: st.SearchStrategy[int]) -> st.SearchStrategy[Any]:
-    scalars = st.none() | st.booleans() | integers | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
-    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.text(max_size=8), inner, max_size=4), max_leaves=12)
+    scalars = (
+        st.none() | st.booleans() | integers | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=12,
+    )
 
 
 _json = _json_of(st.integers())  # for HTTP bodies: any JSON, huge integers included
@@ -205,16 +235,27 @@ _json64 = _json_of(st.integers(min_value=-(2**63), max_value=2**64 - 1))  # what
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.binary(max_size=200), _json64.map(orjson.dumps),
-                 st.fixed_dictionaries({"v": st.just(1), "kind": st.sampled_from(["changes", "relay"])},
-                                       optional={"agent_id": _json64, "epoch": _json64, "first_seq": _json64,
-                                                 "last_seq": _json64, "layouts": _json64, "changes": _json64,
-                                                 "rows": _json64}).map(orjson.dumps)))
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        _json64.map(orjson.dumps),
+        st.fixed_dictionaries(
+            {"v": st.just(1), "kind": st.sampled_from(["changes", "relay"])},
+            optional={
+                "agent_id": _json64,
+                "epoch": _json64,
+                "first_seq": _json64,
+                "last_seq": _json64,
+                "layouts": _json64,
+                "changes": _json64,
+                "rows": _json64,
+            },
+        ).map(orjson.dumps),
+    )
+)
 def test_record_decoder_fuzz_raises_only_record_decode_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(RecordDecodeError):
         decode_record(data)
-    except RecordDecodeError:
-        pass
 
 
 def test_query_params_fuzz_never_5xx(secured: Secured) -> None:
@@ -222,11 +263,15 @@ def test_query_params_fuzz_never_5xx(secured: Secured) -> None:
         seen: set[int] = set()
 
         @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
-        @given(params=st.one_of(st.lists(_json, max_size=4), st.dictionaries(st.text(max_size=6), _json, max_size=3),
-                                _json))
+        @given(
+            params=st.one_of(
+                st.lists(_json, max_size=4), st.dictionaries(st.text(max_size=6), _json, max_size=3), _json
+            )
+        )
         def check(params: Any) -> None:
-            resp = c.post("/relay/query", json={"agent_id": "agent-c",
-                                                "query": "SELECT ? AS a, typeof(?) AS b", "params": params})
+            resp = c.post(
+                "/relay/query", json={"agent_id": "agent-c", "query": "SELECT ? AS a, typeof(?) AS b", "params": params}
+            )
             seen.add(resp.status_code)
             assert resp.status_code < 500, resp.text
             assert "error" in resp.json() or resp.status_code == 200
@@ -240,9 +285,21 @@ def test_schemathesis_openapi_no_5xx(tmp_path: Path, secured: Secured) -> None:
     """Property-based requests generated from /openapi.json (bounded) with an agent token: no 5xx."""
     st_bin = str(Path(sys.executable).parent / "st")
     report = tmp_path / "st.txt"
-    cmd = [st_bin, "run", f"{secured.htpc.url}/openapi.json", "--checks", "not_a_server_error",
-           "--max-examples", "25", "--request-timeout", "10", "--workers", "1",
-           "-H", f"Authorization: Bearer {secured.tokens['agent-c']}"]
+    cmd = [
+        st_bin,
+        "run",
+        f"{secured.htpc.url}/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        "25",
+        "--request-timeout",
+        "10",
+        "--workers",
+        "1",
+        "-H",
+        f"Authorization: Bearer {secured.tokens['agent-c']}",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     report.write_text(done.stdout + done.stderr)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recruiter_storage import AGENT_ID, RecruiterAgentStorage  # noqa: E402
+from recruiter_storage import AGENT_ID, RecruiterAgentStorage
 
-from agent_client import NetworkQueryError  # noqa: E402
+from agent_client import NetworkQueryError
 
 
 def _free_port() -> int:
@@ -90,18 +90,23 @@ async def run_agent(htpc_url: str, agent_dir: Path) -> None:
             # An HTTP-only agent written from the guide: its dual-write call works unchanged.
             resp = await client.post(
                 f"{htpc_url}/relay/immediate",
-                json={"agent_id": "commander", "table": "tasks",
-                      "data": {"id": "t-1", "title": "hire a storage engineer", "owner": AGENT_ID},
-                      "timestamp": time.time()},
+                json={
+                    "agent_id": "commander",
+                    "table": "tasks",
+                    "data": {"id": "t-1", "title": "hire a storage engineer", "owner": AGENT_ID},
+                    "timestamp": time.time(),
+                },
             )
             show("guide-style POST /relay/immediate from agent 'commander'", resp.json())
             await asyncio.sleep(0.3)
             join = await client.post(
                 f"{htpc_url}/relay/query",
-                json={"agent_id": "commander",
-                      "query": 'SELECT t.title, r.title AS requisition FROM tasks t '
-                               f'JOIN "{AGENT_ID}".requisitions r ON r.status = ?',
-                      "params": ["open"]},
+                json={
+                    "agent_id": "commander",
+                    "query": "SELECT t.title, r.title AS requisition FROM tasks t "
+                    f'JOIN "{AGENT_ID}".requisitions r ON r.status = ?',
+                    "params": ["open"],
+                },
             )
             show("cross-agent join from 'commander' (tasks x recruiter requisitions)", join.json())
             agents = (await client.get(f"{htpc_url}/relay/agents")).json()
