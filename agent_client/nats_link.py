@@ -26,6 +26,21 @@ _BACKOFF_MIN = 0.2
 _BACKOFF_MAX = 5.0
 
 
+def reconnecting_options(url: str, name: str) -> dict[str, Any]:
+    """The nats.connect options both ends use: every server of a comma-separated list, reconnect forever,
+    and notice a dead link within ~15 s (ping every 5 s, three missed)."""
+    return {
+        "servers": [u.strip() for u in url.split(",") if u.strip()],
+        "name": name,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 2,
+        "ping_interval": 5,
+        "max_outstanding_pings": 3,
+    }
+
+
 def backoff_delays() -> Any:
     delay = _BACKOFF_MIN
     while True:
@@ -101,14 +116,7 @@ class NatsLink:
             if url is not None:
                 try:
                     nc = await nats.connect(
-                        servers=[u.strip() for u in url.split(",") if u.strip()],
-                        name=self.name,
-                        allow_reconnect=True,
-                        max_reconnect_attempts=-1,
-                        reconnect_time_wait=0.5,
-                        connect_timeout=2,
-                        ping_interval=5,
-                        max_outstanding_pings=3,
+                        **reconnecting_options(url, self.name),
                         # No client-side buffer while reconnecting: publishes fail fast and the change
                         # log is the only buffer. nats-py would otherwise replay records published during
                         # an outage on reconnect, ahead of an earlier record lost with the old socket.

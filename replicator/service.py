@@ -20,6 +20,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from agent_client.nats_link import reconnecting_options
 from agent_client.stream import STREAM_NAME, ensure_stream
 
 from .auth import REPLICATOR_INBOX, AuthStore, load_seed
@@ -48,14 +49,7 @@ async def connect_nats(
     while time.monotonic() < deadline:
         try:
             return await nats.connect(
-                servers=[u.strip() for u in url.split(",") if u.strip()],
-                name=name,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                connect_timeout=2,
-                ping_interval=5,
-                max_outstanding_pings=3,
+                **reconnecting_options(url, name),
                 error_cb=_quiet,
                 **(options or {}),
             )

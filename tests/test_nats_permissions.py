@@ -103,7 +103,14 @@ async def test_agent_cannot_read_other_agents_requests_or_replies(
 
         await b.subscribe("agents.agent-b.query", cb=answer)
         await b.flush()
-        reply = await rep.request("agents.agent-b.query", b"select 1", timeout=3)
+        reply = None
+        for _ in range(30):  # B's interest can take a moment to be visible to another connection
+            try:
+                reply = await rep.request("agents.agent-b.query", b"select 1", timeout=3)
+                break
+            except nats.errors.NoRespondersError:
+                await asyncio.sleep(0.1)
+        assert reply is not None, "agent B never answered its own query subject"
         assert reply.data == b"b's private answer"  # B answers through allow_responses
         await asyncio.sleep(0.3)
         assert stolen == [], "agent A received another agent's request or reply"
