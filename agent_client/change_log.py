@@ -70,6 +70,10 @@ CREATE TABLE IF NOT EXISTS _cr_schema_version (
 """
 
 
+#: Run by the publisher (through the writer queue): closes the open transaction group.
+CLOSE_GROUP_SQL = "UPDATE _cr_clock SET tx = tx + 1 WHERE id = 1"
+
+
 @dataclass(frozen=True)
 class Layout:
     id: int

@@ -215,10 +215,11 @@ class Publisher:
             if len(self._in_flight) >= self.max_in_flight:
                 await self._await_head()
                 continue
-            await self._refresh_layouts()
-            read = functools.partial(_read_closed, cursor=self._cursor, width=self._width, limit=self.read_batch)
+            read = functools.partial(
+                _read_closed, cursor=self._cursor, limit=self.read_batch, known=(self._max_layout_id, self._width)
+            )
             limit = self.read_batch
-            rows = await call_in_thread(self._reader, read)
+            rows, (self._max_layout_id, self._width) = await call_in_thread(self._reader, read)
             if not rows:
                 break
             await self._load_layouts({int(r[2]) for r in rows})
@@ -293,13 +294,6 @@ class Publisher:
         self._last_trim = time.monotonic()
 
     # ----------------------------------------------------------------- packing
-    async def _refresh_layouts(self) -> None:
-        assert self._reader is not None
-        max_id = await call_in_thread(self._reader, _max_layout_id)
-        if max_id != self._max_layout_id:
-            self._width = await call_in_thread(self._reader, change_log.widest_layout)
-            self._max_layout_id = max_id
-
     async def _load_layouts(self, ids: set[int]) -> None:
         assert self._reader is not None
         missing = ids - self._layouts.keys()
@@ -385,21 +379,31 @@ def _open_group_has_rows(conn: sqlite3.Connection) -> bool:
 
 
 def _bump_clock(conn: sqlite3.Connection) -> None:
-    conn.execute("UPDATE _cr_clock SET tx = tx + 1 WHERE id = 1")
+    conn.execute(change_log.CLOSE_GROUP_SQL)
 
 
-def _read_closed(conn: sqlite3.Connection, cursor: int, width: int, limit: int) -> list[tuple[Any, ...]]:
-    cols = "".join(f", v{i}" for i in range(max(width, 1)))
-    return conn.execute(
-        f"SELECT seq, tx, layout, op, at{cols} FROM _cr_log "
-        "WHERE seq > ? AND tx < (SELECT tx FROM _cr_clock WHERE id = 1) ORDER BY seq LIMIT ?",
-        (cursor, limit),
-    ).fetchall()
+def _read_closed(
+    conn: sqlite3.Connection, cursor: int, limit: int, known: tuple[int, int]
+) -> tuple[list[tuple[Any, ...]], tuple[int, int]]:
+    """Closed rows after `cursor`, and (newest layout id, widest layout) from the SAME snapshot.
 
-
-def _max_layout_id(conn: sqlite3.Connection) -> int:
-    row = conn.execute("SELECT max(id) FROM _cr_layouts").fetchone()
-    return int(row[0] or 0)
+    Only as many value columns are read as the widest layout has; reading the
+    width in another snapshot could miss a layout committed in between and cut
+    its rows short.
+    """
+    conn.execute("BEGIN")
+    try:
+        max_id = int(conn.execute("SELECT max(id) FROM _cr_layouts").fetchone()[0] or 0)
+        width = known[1] if max_id == known[0] else change_log.widest_layout(conn)
+        cols = "".join(f", v{i}" for i in range(max(width, 1)))
+        rows = conn.execute(
+            f"SELECT seq, tx, layout, op, at{cols} FROM _cr_log "
+            "WHERE seq > ? AND tx < (SELECT tx FROM _cr_clock WHERE id = 1) ORDER BY seq LIMIT ?",
+            (cursor, limit),
+        ).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    return rows, (max_id, width)
 
 
 def _backlog(conn: sqlite3.Connection, acked: int) -> tuple[int, float | None]:
