@@ -32,6 +32,7 @@ from .errors import (
     FlushTimeout,
     HTPCUnavailable,
     InvalidRow,
+    LocalDatabaseError,
     NetworkQueryError,
     StorageClosed,
     UnknownTable,
@@ -159,8 +160,66 @@ def _upsert_one(conn: sqlite3.Connection, schema: _Schema, table: str, data: Map
 
 
 def _upsert_many(conn: sqlite3.Connection, schema: _Schema, items: list[tuple[str, Mapping[str, Any]]]) -> list[RowId]:
+    """A batch in one transaction; consecutive rows of one table with the same columns share one executemany."""
     schema.refresh(conn)
-    return [_upsert(conn, schema, t, d) for t, d in items]
+    out: list[RowId] = []
+    i, n = 0, len(items)
+    while i < n:
+        table, data = items[i]
+        j = i + 1
+        if isinstance(data, Mapping) and data:
+            keys = tuple(data)
+            while j < n and items[j][0] == table and isinstance(items[j][1], Mapping) and tuple(items[j][1]) == keys:
+                j += 1
+        if j - i > 1:
+            out.extend(_upsert_run(conn, schema, table, keys, [d for _t, d in items[i:j]]))
+        else:
+            out.append(_upsert(conn, schema, table, data))
+        i = j
+    return out
+
+
+def _upsert_run(
+    conn: sqlite3.Connection, schema: _Schema, table: str, keys: tuple[str, ...], rows: list[Mapping[str, Any]]
+) -> list[RowId]:
+    """Rows of one table with the same columns: checked once, written with one executemany."""
+    info = schema.info(conn, table)
+    unknown = [k for k in keys if k not in info.columns]
+    if unknown:
+        raise InvalidRow(f"{table} has no column(s) {', '.join(map(repr, unknown))}")
+    cols = keys
+    generated: list[str] = []
+    auto_ids = False
+    if len(info.pk) == 1 and info.pk[0] not in keys:
+        if info.integer_pk:
+            auto_ids = True
+        else:
+            generated = [uuid.uuid4().hex for _ in rows]
+            cols = (*keys, info.pk[0])
+    else:
+        missing = [c for c in info.pk if c not in keys]
+        if missing:
+            raise InvalidRow(f"{table}: primary key column(s) {', '.join(missing)} missing")
+    values = [[_to_sqlite(table, c, row[c]) for c in keys] for row in rows]
+    for row_values, key in zip(values, generated, strict=False):
+        row_values.append(key)
+    sql = schema.upsert_sql(info, cols)
+    if not auto_ids:
+        conn.executemany(sql, values)
+        if generated:
+            return list(generated)
+        if len(info.pk) == 1:
+            return [row[info.pk[0]] for row in rows]
+        return [tuple(row[c] for c in info.pk) for row in rows]
+    # SQLite assigns the keys: every new rowid is above the largest one before the insert, and this
+    # transaction is the only writer, so the new rows are exactly those above it.
+    q = quote_identifier
+    before = conn.execute(f"SELECT max(rowid) FROM {q(table)}").fetchone()[0] or 0
+    conn.executemany(sql, values)
+    new_ids = [r[0] for r in conn.execute(f"SELECT rowid FROM {q(table)} WHERE rowid > ? ORDER BY rowid", (before,))]
+    if len(new_ids) != len(rows):
+        raise LocalDatabaseError(f"cannot tell the keys SQLite gave {len(rows)} new rows of {table}")
+    return new_ids
 
 
 def _rows_as_dicts(cur: sqlite3.Cursor) -> list[dict[str, Any]]:

@@ -91,7 +91,7 @@ def table_references(sql: str) -> tuple[set[str], set[tuple[str | None, str]]]:
             in_from = True
             prev_kw = upper
         elif upper in ("WHERE", "GROUP", "ORDER", "LIMIT", "HAVING", "UNION", "SELECT", "ON", "USING", "WINDOW"):
-            in_from = upper in ("ON", "USING") and False
+            in_from = False
             prev_kw = ""
         elif kind == "punct" and text == "," and in_from:
             prev_kw = ","
@@ -99,8 +99,6 @@ def table_references(sql: str) -> tuple[set[str], set[tuple[str | None, str]]]:
             prev_kw = ""
         elif kind == "ident" and prev_kw in ("FROM", "JOIN", ","):
             prev_kw = "table"
-        elif kind == "punct" and text == ")":
-            pass
     return schemas, refs
 
 
