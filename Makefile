@@ -31,7 +31,7 @@ lint: install
 
 ## the long fault-injection run (see README, "Fault tolerance")
 chaos: install
-	CHAOS_CYCLES=$${CHAOS_CYCLES:-200} $(BIN)/python -m pytest -q -m chaos tests/test_chaos.py -p no:timeout
+	CHAOS_CYCLES=$${CHAOS_CYCLES:-200} $(BIN)/python -m pytest -q -s -m chaos tests/test_chaos.py
 
 bench: install
 	$(BIN)/python bench/run_all.py

@@ -242,4 +242,4 @@ def test_chaos_kill_restart_converges(tmp_path: Path, nats_server: NatsServer) -
         htpc.close()
 
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(3600)]
