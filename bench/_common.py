@@ -16,7 +16,20 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from agent_client import AgentStorage, Migration
+
 BIN = Path(sys.executable).parent
+SCHEMA = [Migration(1, "CREATE TABLE events (id INTEGER PRIMARY KEY, kind TEXT, payload TEXT, score REAL)")]
+
+
+async def open_storage(base: Path, name: str, nats_url: str) -> AgentStorage:
+    """An agent with one replicated table, `events`, as every benchmark uses."""
+    st = AgentStorage(name, base, nats_url=nats_url)
+    await st.open()
+    await st.migrate(SCHEMA)
+    await st.set_visibility("events", "always")
+    return st
 
 
 def free_port() -> int:

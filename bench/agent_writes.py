@@ -12,19 +12,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import free_port, machine, nats_server, pct, report
+from _common import SCHEMA, free_port, machine, nats_server, open_storage, pct, report
 
-from agent_client import AgentStorage, Migration
-
-SCHEMA = [Migration(1, "CREATE TABLE events (id INTEGER PRIMARY KEY, kind TEXT, payload TEXT, score REAL)")]
-
-
-async def open_storage(base: Path, name: str, nats_url: str) -> AgentStorage:
-    st = AgentStorage(name, base, nats_url=nats_url)
-    await st.open()
-    await st.migrate(SCHEMA)
-    await st.set_visibility("events", "always")
-    return st
+from agent_client import AgentStorage
 
 
 async def single_latency(st: AgentStorage, n: int = 5000) -> list[float]:

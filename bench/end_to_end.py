@@ -18,19 +18,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, Replicator, free_port, machine, nats_server, pct, report, wait_port
+from _common import BIN, Replicator, free_port, machine, nats_server, open_storage, pct, report, wait_port
 
-from agent_client import AgentStorage, Migration
-
-SCHEMA = [Migration(1, "CREATE TABLE events (id INTEGER PRIMARY KEY, kind TEXT, payload TEXT, score REAL)")]
-
-
-async def agent(base: Path, name: str, nats_url: str) -> AgentStorage:
-    st = AgentStorage(name, base, nats_url=nats_url)
-    await st.open()
-    await st.migrate(SCHEMA)
-    await st.set_visibility("events", "always")
-    return st
+from agent_client import AgentStorage
 
 
 async def wait_applied(client: httpx.AsyncClient, rep: Replicator, agent_id: str, seq: int, timeout: float) -> float:
@@ -196,7 +186,7 @@ async def main() -> None:
             rep = Replicator(base / "htpc", url)
             rep.start()
             try:
-                st = await agent(base / "a", "bench-lag", url)
+                st = await open_storage(base / "a", "bench-lag", url)
                 lags = await lag_at_rate(st, rep)
                 report(
                     "replication lag at 1,000 writes/s, commit -> /relay/query, p50",
@@ -236,7 +226,7 @@ async def main() -> None:
 
             # catch-up: the replicator is down while the agent writes; then it drains the backlog
             rep2 = Replicator(base / "htpc2", url)
-            st = await agent(base / "c", "bench-catchup", url)
+            st = await open_storage(base / "c", "bench-catchup", url)
             rows, per_tx = args.catchup_rows, 100
             t = time.perf_counter()
             for i in range(rows // per_tx):
