@@ -248,6 +248,12 @@ class Consumer:
         self.stats.messages += len(msgs)
         self.stats.last_apply_at = time.time()
         self.max_stream_seq = max([self.max_stream_seq, *(i.stream_seq or 0 for i in items)])
+        if result.committed:  # readers waiting for min_seq may go as soon as the data is committed
+            for agent in result.committed:
+                rep = self.store.replicas[agent]
+                self._applied[agent] = (rep.epoch, rep.watermark)
+            async with self._applied_changed:
+                self._applied_changed.notify_all()
         acks: list[Any] = []
         for msg, (action, agent) in zip(msgs, result.actions, strict=True):
             if action == ACK:
@@ -267,12 +273,6 @@ class Consumer:
                 await coro
             except Exception as exc:  # a lost ack only causes a harmless redelivery
                 log.debug("ack failed: %r", exc)
-        if result.committed:
-            for agent in result.committed:
-                rep = self.store.replicas[agent]
-                self._applied[agent] = (rep.epoch, rep.watermark)
-            async with self._applied_changed:
-                self._applied_changed.notify_all()
         if self.on_batch is not None:
             self.on_batch(len(msgs))
 
