@@ -221,6 +221,11 @@ class Publisher:
             limit = self.read_batch
             rows, (self._max_layout_id, self._width) = await call_in_thread(self._reader, read)
             if not rows:
+                if self._carry is not None:
+                    # The last read ended exactly where its group did: nothing closed follows, so the
+                    # carried part is that group's end.
+                    carry, self._carry = self._carry, None
+                    await self._send(*self._finish(carry, final=True))
                 break
             await self._load_layouts({int(r[2]) for r in rows})
             for record_first, record_last, payload in self._pack(rows, complete=len(rows) < limit):

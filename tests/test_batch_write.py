@@ -65,3 +65,17 @@ async def test_keys_returned_for_every_kind_of_primary_key(tmp_path: Path, nats_
     # the five-row batch is one transaction: all its changes are in a single record
     first_batch = [c.seq for c in upserts[:5]]
     assert any(set(first_batch) <= set(seqs) for seqs in by_index.values())
+
+
+async def test_transaction_exactly_one_read_batch_long_is_published(tmp_path: Path, nats_server: NatsServer) -> None:
+    """Regression: a group ending exactly at the publisher's read limit (5,000 rows) used to wait for the next write."""
+    async with AgentStorage("exact", tmp_path, nats_url=nats_server.url) as st:
+        await st.migrate(SCHEMA)
+        await st.set_visibility("a", "always")
+        await st.flush(timeout=10)
+        await st.batch_write([{"table": "a", "data": {"v": f"v{i}"}} for i in range(5000)])
+        await st.flush(timeout=15)
+        last = await st.last_committed_seq()
+        epoch = st.epoch
+    messages = await read_agent_stream(nats_server.url, "exact")
+    assert_exactly_once(messages, "exact", epoch, last)
