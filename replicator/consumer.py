@@ -249,9 +249,9 @@ class Consumer:
         self.stats.last_apply_at = time.time()
         self.max_stream_seq = max([self.max_stream_seq, *(i.stream_seq or 0 for i in items)])
         if result.committed:  # readers waiting for min_seq may go as soon as the data is committed
-            for agent in result.committed:
-                rep = self.store.replicas[agent]
-                self._applied[agent] = (rep.epoch, rep.watermark)
+            for committed in result.committed:
+                rep = self.store.replicas[committed]
+                self._applied[committed] = (rep.epoch, rep.watermark)
             async with self._applied_changed:
                 self._applied_changed.notify_all()
         acks: list[Any] = []
