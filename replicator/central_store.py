@@ -204,6 +204,7 @@ class AgentReplica:
             self._saved = None
             self._stmt_cache.clear()
         self.open_group = False
+        self.group_started = 0.0
 
     def set_blocked(self, reason: str | None) -> None:
         """Record (inside the open transaction) that this agent's order is broken by a dead letter, or no more."""

@@ -198,12 +198,12 @@ class Consumer:
                     backoff = min(backoff * 2, 5.0)
                     continue
                 await self._touch_held()
+                await self._expire_open_groups()  # also under load: other agents' traffic must not hide it
                 if msgs:
                     await self._handle(msgs)
                     if until_idle and self._all_parked(msgs) and await self._idle():
                         return  # only records waiting behind a dead letter keep coming back
                 else:
-                    await self._expire_open_groups()
                     await self._forget_acked_relay()
                     if until_idle and await self._idle():
                         return
