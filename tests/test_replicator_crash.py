@@ -160,9 +160,15 @@ async def test_sigkill_replicator_mid_apply_then_restart_is_exactly_once(
         await workload.setup()
         writer_done = asyncio.Event()
 
+        stop_writing = asyncio.Event()
+
         async def writer(count: int) -> None:
-            for i in range(count):
+            # At least `count` transactions, and on until the kills are done: on a slow machine a fixed amount
+            # could all be applied before the last kill, leaving nothing to kill "mid-apply".
+            i = 0
+            while i < count or not stop_writing.is_set():
                 await workload.step(i)
+                i += 1
                 if i % 25 == 0:
                     await asyncio.sleep(0)  # let the publisher and the monitor run
             writer_done.set()
@@ -213,10 +219,12 @@ async def test_sigkill_replicator_mid_apply_then_restart_is_exactly_once(
                 await apoll(lambda: _applying_past(watermark, kills[-1][0]), 30, "catch-up under way")
                 await asyncio.to_thread(htpc.stop)
                 await asyncio.to_thread(htpc.start)
+                stop_writing.set()
                 while not writer_done.is_set():
                     await observe()
                     await asyncio.sleep(0.05)
             finally:
+                stop_writing.set()  # also when a step above failed: the writer must end
                 await writing  # re-raises a failed write
 
             last = await storage.last_committed_seq()
