@@ -1,7 +1,7 @@
 """Agent ids: the one name an agent has on the wire, on disk and in SQL.
 
-They become NATS subject tokens, file names and SQL schema names, so the
-alphabet is deliberately narrow.
+They become NATS subject tokens (see subjects.py), file names and SQL schema
+names, so the alphabet is deliberately narrow.
 """
 
 from __future__ import annotations
@@ -27,11 +27,3 @@ def validate_agent_id(value: object) -> str:
         )
     assert isinstance(value, str)
     return value
-
-
-def changes_subject(agent_id: str) -> str:
-    return f"agents.{agent_id}.changes"
-
-
-def query_subject(agent_id: str) -> str:
-    return f"agents.{agent_id}.query"

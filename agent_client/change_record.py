@@ -28,10 +28,10 @@ RECORD_VERSION: Literal[1] = 1
 #: X: the table is no longer replicated, drop the central copy;
 #: V: announce a non-replicated table's visibility (values = [visibility]).
 Op = Literal["U", "D", "S", "X", "V"]
-OPS: frozenset[str] = frozenset({"U", "D", "S", "X", "V"})
 
-_I64_MIN = -(2**63)
-_I64_MAX = 2**63 - 1
+#: The range of SQLite's INTEGER storage class.
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
 
 SQLiteValue = int | float | str | bytes | None
 
@@ -151,7 +151,7 @@ def decode_value(value: Any) -> SQLiteValue:
     if isinstance(value, bool):
         raise ValueError("booleans are not SQLite values")
     if isinstance(value, int):
-        if not _I64_MIN <= value <= _I64_MAX:
+        if not INT64_MIN <= value <= INT64_MAX:
             raise ValueError(f"integer {value} does not fit in 64 bits")
         return value
     if isinstance(value, float):
@@ -165,6 +165,18 @@ def decode_value(value: Any) -> SQLiteValue:
         if "f" in value and value["f"] in ("inf", "-inf", "nan"):
             return float(value["f"])
     raise ValueError(f"not a SQLite value: {value!r}")
+
+
+def decode_values(values: list[Any]) -> list[SQLiteValue]:
+    """A wire row -> SQLite values; returns `values` itself when nothing in it is tagged (the common case).
+
+    Raises ValueError like decode_value.
+    """
+    for v in values:
+        t = type(v)
+        if t is dict or t is bool or t is list or (t is int and not INT64_MIN <= v <= INT64_MAX):
+            return [decode_value(x) for x in values]
+    return values
 
 
 def encode_record(record: AnyRecord) -> bytes:
@@ -198,3 +210,8 @@ def decode_record(data: bytes) -> AnyRecord:
 def msg_id(agent_id: str, epoch: str, first_seq: int, last_seq: int) -> str:
     """The JetStream dedup id of a change record: the same changes always get the same id."""
     return f"{agent_id}:{epoch}:{first_seq}-{last_seq}"
+
+
+def relay_msg_id(agent_id: str, idempotency_key: str) -> str:
+    """The JetStream dedup id of a relay write: the same Idempotency-Key always gets the same id."""
+    return f"relay:{agent_id}:{idempotency_key}"

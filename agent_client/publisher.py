@@ -29,11 +29,11 @@ import orjson
 from nats.js.api import PubAck
 
 from . import change_log
-from .agent_id import changes_subject
 from .change_record import RECORD_VERSION, encode_value, msg_id
 from .local_store import LocalStore, call_in_thread, open_connection
 from .nats_link import NatsLink, backoff_delays
 from .stream import STREAM_NAME, ensure_stream
+from .subjects import changes_subject
 
 log = logging.getLogger("agent_client.publisher")
 

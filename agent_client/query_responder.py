@@ -19,9 +19,9 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from .agent_id import query_subject
 from .errors import QueryError
 from .read_only_query import run_read_only
+from .subjects import query_subject
 
 log = logging.getLogger("agent_client.query")
 

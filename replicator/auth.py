@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent_client.agent_id import validate_agent_id
-from agent_client.stream import STREAM_NAME
+from agent_client import STREAM_NAME, validate_agent_id
 
 from .errors import ReplicatorError
 

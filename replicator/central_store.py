@@ -25,9 +25,15 @@ from typing import Any
 
 import orjson
 
-from agent_client.agent_id import is_valid_agent_id
-from agent_client.change_record import ChangeRecord, RelayRecord, TableLayout, decode_value
-from agent_client.identifiers import is_valid_identifier, quote_identifier
+from agent_client import (
+    ChangeRecord,
+    RelayRecord,
+    TableLayout,
+    decode_value,
+    is_valid_agent_id,
+    is_valid_identifier,
+    quote_identifier,
+)
 
 from .errors import RecordRejected
 

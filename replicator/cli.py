@@ -132,7 +132,7 @@ async def serve(settings: Settings) -> None:
 async def rebuild(settings: Settings) -> int:
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-    from agent_client.stream import STREAM_NAME, STREAM_SUBJECTS, ensure_stream
+    from agent_client import STREAM_NAME, STREAM_SUBJECTS, ensure_stream
 
     from .central_store import CentralStore
     from .consumer import Consumer

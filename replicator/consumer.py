@@ -31,9 +31,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from agent_client.change_record import ChangeRecord, RelayRecord, decode_record
-from agent_client.errors import RecordDecodeError
-from agent_client.stream import STREAM_NAME, STREAM_SUBJECTS
+from agent_client import STREAM_NAME, STREAM_SUBJECTS, ChangeRecord, RecordDecodeError, RelayRecord, decode_record
 
 from .central_store import AgentReplica, CentralStore, Outcome
 from .dead_letters import DeadLetterStore

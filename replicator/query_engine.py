@@ -21,9 +21,7 @@ import nats.errors
 import orjson
 from nats.aio.client import Client as NATS
 
-from agent_client.agent_id import is_valid_agent_id, query_subject
-from agent_client.errors import QueryError
-from agent_client.read_only_query import run_read_only
+from agent_client import QueryError, is_valid_agent_id, query_subject, run_read_only
 
 from .central_store import CentralStore
 from .consumer import Consumer

@@ -24,10 +24,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent_client.agent_id import changes_subject, is_valid_agent_id
-from agent_client.change_record import RECORD_VERSION, RelayRecord, RelayRow, encode_record
-from agent_client.identifiers import is_valid_identifier
-from agent_client.stream import STREAM_NAME
+from agent_client import (
+    RECORD_VERSION,
+    STREAM_NAME,
+    RelayRecord,
+    RelayRow,
+    changes_subject,
+    encode_record,
+    is_valid_agent_id,
+    is_valid_identifier,
+)
 
 from .auth import Principal
 from .central_store import relay_value

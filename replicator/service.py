@@ -20,8 +20,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from agent_client.nats_link import reconnecting_options
-from agent_client.stream import STREAM_NAME, ensure_stream
+from agent_client import STREAM_NAME, ensure_stream, reconnecting_options
 
 from .auth import REPLICATOR_INBOX, AuthStore, load_seed
 from .central_store import CentralStore

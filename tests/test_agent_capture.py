@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from agent_client import AgentStorage, msg_id
-from tests.nats_server import NatsServer
-from tests.stream_reader import (
+from tests.support.nats_server import NatsServer
+from tests.support.stream_reader import (
     Change,
     StreamMessage,
     assert_exactly_once,

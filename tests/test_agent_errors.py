@@ -28,8 +28,8 @@ from agent_client import (
     UnknownTable,
     Visibility,
 )
-from tests.nats_server import NatsServer
-from tests.stream_reader import (
+from tests.support.nats_server import NatsServer
+from tests.support.stream_reader import (
     assert_exactly_once,
     assert_rows_identical,
     changes_of,

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from agent_client import AgentStorage, FlushTimeout, changes_subject, msg_id
-from tests.nats_server import NatsServer, free_port
-from tests.stream_reader import (
+from tests.support.nats_server import NatsServer, free_port
+from tests.support.stream_reader import (
     assert_exactly_once,
     assert_rows_identical,
     create_tables,
@@ -218,7 +218,7 @@ async def test_agent_starts_offline_and_publishes_once_nats_appears(nats_server:
 
 
 class AgentProcess:
-    """tests/agent_writer_proc.py as a child process whose progress lines we follow."""
+    """tests/support/agent_writer_proc.py as a child process whose progress lines we follow."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
@@ -230,7 +230,7 @@ class AgentProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "tests.agent_writer_proc",
+            "tests.support.agent_writer_proc",
             mode,
             str(data_dir),
             AGENT,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from agent_client import AgentStorage, ConstraintViolation, InvalidRow, Migration
-from tests.nats_server import NatsServer
-from tests.stream_reader import assert_exactly_once, flatten, read_agent_stream
+from tests.support.nats_server import NatsServer
+from tests.support.stream_reader import assert_exactly_once, flatten, read_agent_stream
 
 SCHEMA = [
     Migration(

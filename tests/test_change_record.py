@@ -23,7 +23,7 @@ from agent_client import (
     encode_value,
     msg_id,
 )
-from tests.stream_reader import same_value
+from tests.support.stream_reader import same_value
 
 EPOCH = "0123456789abcdef"
 

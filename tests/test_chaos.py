@@ -1,6 +1,6 @@
 """Fault harness: SIGKILL and restart the agent, the replicator and nats-server at random moments.
 
-An agent process (tests/chaos_agent.py) writes random transactions without
+An agent process (tests/support/chaos_agent.py) writes random transactions without
 pause and logs every committed state. At random points the central copy must
 equal one of those states (a committed prefix: order and atomicity); at the
 end it must equal the agent's replicated tables row for row, with the
@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from tests.chaos_agent import STATE_QUERIES, checksum_rows
-from tests.htpc import HtpcProcess
-from tests.nats_server import NatsServer
+from tests.support.chaos_agent import STATE_QUERIES, checksum_rows
+from tests.support.htpc import HtpcProcess
+from tests.support.nats_server import NatsServer
 
 AGENT_ID = "chaos-agent"
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ class AgentProcess:
         return [
             sys.executable,
             "-m",
-            "tests.chaos_agent",
+            "tests.support.chaos_agent",
             str(self.data_dir),
             AGENT_ID,
             self.nats_url,

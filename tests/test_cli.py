@@ -18,20 +18,18 @@ import httpx
 import nats
 
 from agent_client import AgentStorage, Migration, changes_subject
-from tests.htpc import (  # noqa: F401  (the *_fixture names register fixtures, including dependencies)
+from tests.support.htpc import (
     FORGED_LAYOUT,
     HtpcProcess,
     agent_session,
     apoll,
     forged_record,
-    htpc_factory_fixture,
-    htpc_fixture,
     poll,
     rows_digest,
     run_cli,
     wait_agent_applied,
 )
-from tests.nats_server import NatsServer, free_port
+from tests.support.nats_server import NatsServer, free_port
 
 NOTES = Migration(1, "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT, score REAL, raw BLOB)")
 

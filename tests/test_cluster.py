@@ -33,7 +33,9 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, RetentionPolicy, StorageType, StreamConfig, StreamInfo
 
 from agent_client import (
+    DUPLICATE_WINDOW_S,
     STREAM_NAME,
+    STREAM_SUBJECTS,
     AgentStorage,
     ChangeRecord,
     FlushTimeout,
@@ -42,9 +44,8 @@ from agent_client import (
     decode_record,
     msg_id,
 )
-from agent_client.stream import DUPLICATE_WINDOW_S, STREAM_SUBJECTS
-from tests.htpc import HtpcProcess, HtpcStartError
-from tests.nats_cluster import NatsCluster
+from tests.support.htpc import HtpcProcess, HtpcStartError
+from tests.support.nats_cluster import NatsCluster
 
 TABLE_SQL = "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)"
 WRITE_INTERVAL = 0.01  # the continuous writer's pause between writes

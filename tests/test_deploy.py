@@ -29,8 +29,8 @@ import pytest
 
 from replicator.cli import _settings, build_parser
 from replicator.settings import Settings
-from tests.nats_cluster import CLUSTER_CONFIGS, SETTINGS_KEYS, NatsCluster, read_settings
-from tests.nats_server import nats_server_binary
+from tests.support.nats_cluster import CLUSTER_CONFIGS, SETTINGS_KEYS, NatsCluster, read_settings
+from tests.support.nats_server import nats_server_binary
 
 try:
     import yaml

@@ -18,20 +18,18 @@ import nats
 import orjson
 
 from agent_client import STREAM_NAME, AgentStorage, Migration, changes_subject
-from tests.htpc import (  # noqa: F401  (the *_fixture names register fixtures, including dependencies)
+from tests.support.htpc import (
     FORGED_LAYOUT,
     HtpcProcess,
     agent_session,
     apoll,
     decode_rows,
     forged_record,
-    htpc_factory_fixture,
-    htpc_fixture,
     run_cli,
     typed_value,
     wait_agent_applied,
 )
-from tests.nats_server import NatsServer
+from tests.support.nats_server import NatsServer
 
 SAMPLES = Migration(
     1,

@@ -22,8 +22,8 @@ import pytest
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
 from agent_client import STREAM_NAME, AgentStorage, FlushTimeout, Migration, StorageFull
-from tests.nats_server import NatsServer
-from tests.stream_reader import assert_exactly_once, read_agent_stream
+from tests.support.nats_server import NatsServer
+from tests.support.stream_reader import assert_exactly_once, read_agent_stream
 
 SCHEMA = [Migration(1, "CREATE TABLE docs (id INTEGER PRIMARY KEY, body TEXT)")]
 

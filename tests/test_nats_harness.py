@@ -10,8 +10,7 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
-from tests.nats_fixtures import nats_server  # noqa: F401 - registers the fixture (no conftest here)
-from tests.nats_server import (
+from tests.support.nats_server import (
     HOST,
     NatsServer,
     NatsServerError,
@@ -71,7 +70,7 @@ async def _read(url: str, seq: int) -> tuple[bytes, int]:
 
 
 @pytest.mark.asyncio
-async def test_kill_restart_keeps_jetstream_data(nats_server: NatsServer) -> None:  # noqa: F811
+async def test_kill_restart_keeps_jetstream_data(nats_server: NatsServer) -> None:
     server = nats_server
     assert server.is_running()
     assert server.url == f"nats://127.0.0.1:{server.port}"
@@ -152,7 +151,7 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REPLICATOR_TEST_NATS", "binary")
     assert resolve_backend() == "binary"
     monkeypatch.setenv("REPLICATOR_TEST_NATS", "auto")
-    monkeypatch.setattr("tests.nats_server.docker_available", lambda: False)
+    monkeypatch.setattr("tests.support.nats_server.docker_available", lambda: False)
     assert resolve_backend() == "binary"
     monkeypatch.setenv("REPLICATOR_TEST_NATS", "docker")
     with pytest.raises(NatsServerError, match="no Docker engine"):

@@ -17,7 +17,7 @@ import pytest
 
 from agent_client import STREAM_NAME, AgentStorage, Migration, ensure_stream
 from replicator.auth import REPLICATOR_INBOX, AuthStore, agent_inbox_prefix
-from tests.nats_server import NatsServer, start_nats_server
+from tests.support.nats_server import NatsServer, start_nats_server
 
 
 @pytest.fixture

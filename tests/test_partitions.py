@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from agent_client import AgentStorage, Migration
-from tests.htpc import HtpcProcess, poll, table_digest
-from tests.nats_server import NatsServer
-from tests.tcp_proxy import TcpProxy
+from tests.support.htpc import HtpcProcess, poll, table_digest
+from tests.support.nats_server import NatsServer
+from tests.support.tcp_proxy import TcpProxy
 
 SCHEMA = [Migration(1, "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT, n INTEGER)")]
 

@@ -19,11 +19,9 @@ import httpx
 import pytest
 
 from agent_client import Migration
-from tests.htpc import (  # noqa: F401  (the *_fixture names register fixtures, including dependencies)
+from tests.support.htpc import (
     HtpcProcess,
     agent_session,
-    module_htpc_fixture,
-    module_nats_fixture,
     rows_digest,
     wait_agent_applied,
 )

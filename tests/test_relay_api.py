@@ -18,13 +18,11 @@ import nats
 import pytest
 
 from agent_client import STREAM_NAME
-from tests.htpc import (  # noqa: F401  (the *_fixture names register fixtures, including dependencies)
+from tests.support.htpc import (
     HtpcProcess,
     apoll,
-    module_htpc_fixture,
-    module_nats_fixture,
 )
-from tests.nats_server import NatsServer
+from tests.support.nats_server import NatsServer
 
 GUIDE_AGENT = "gillsystems-recruiter-agent"
 

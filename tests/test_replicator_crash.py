@@ -19,16 +19,15 @@ from typing import Any
 import httpx
 
 from agent_client import AgentStorage, Migration
-from tests.htpc import (  # noqa: F401  (the *_fixture names register fixtures, including dependencies)
+from tests.support.htpc import (
     AckDroppingProxy,
     HtpcProcess,
     apoll,
-    htpc_factory_fixture,
     open_agent,
     rows_digest,
     sqlite_rows,
 )
-from tests.nats_server import NatsServer
+from tests.support.nats_server import NatsServer
 
 AGENT = "crash-agent"
 ACCOUNTS, START_BALANCE = 50, 1000

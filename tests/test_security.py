@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent_client import AgentStorage, Migration, RecordDecodeError, decode_record
-from tests.htpc import HtpcProcess, poll, run_cli
+from tests.support.htpc import HtpcProcess, poll, run_cli
 
 SCHEMA = [
     Migration(

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from agent_client import AgentStorage, Migration
-from tests.htpc import HtpcProcess
+from tests.support.htpc import HtpcProcess
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make certificates")
 

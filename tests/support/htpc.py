@@ -4,13 +4,7 @@
 waits for `/health`, and can SIGKILL it, restart it on the same data directory and port, or stop it with
 SIGTERM while asserting a clean exit 0. Nothing here mocks NATS, SQLite or HTTP.
 
-Fixtures (import them into a test module to use them; the functions are named `<fixture>_fixture`, so the
-import does not shadow the fixture arguments):
-
-* `htpc_factory`: builds HtpcProcess objects under the test's tmp_path; all are closed at teardown.
-* `htpc`: one running HTPC on the test's own `nats_server`.
-* `module_nats` / `module_htpc`: one nats-server and one HTPC shared by a whole module (for tests that only
-  need distinct agent ids, this saves a process start per test).
+Its fixtures (`htpc_factory`, `htpc`, `module_nats`, `module_htpc`) are defined in tests/conftest.py.
 
 `AckDroppingProxy` sits between the replicator and nats-server and can silently drop its JetStream acks: the
 fault "applied and committed, but the ack never arrived", made deterministic.
@@ -31,15 +25,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import pytest
 
 from agent_client import AgentStorage, ChangeRecord, Migration, TableLayout, decode_value
-from tests.nats_server import NatsServer, free_port, start_nats_server
+from tests.support.nats_server import free_port
 
 __all__ = [
     "FORGED_LAYOUT",
@@ -51,10 +44,6 @@ __all__ = [
     "central_db_path",
     "decode_rows",
     "forged_record",
-    "htpc_factory_fixture",
-    "htpc_fixture",
-    "module_htpc_fixture",
-    "module_nats_fixture",
     "open_agent",
     "poll",
     "rows_digest",
@@ -462,52 +451,6 @@ def sqlite_rows(path: Path, sql: str, params: Sequence[Any] = ()) -> list[tuple[
 def table_digest(path: Path, table: str, columns: Sequence[str]) -> tuple[int, str]:
     cols = ", ".join(f'"{c}"' for c in columns)
     return rows_digest(sqlite_rows(path, f'SELECT {cols} FROM "{table}"'))
-
-
-# ---------------------------------------------------------------------- fixtures
-@pytest.fixture(name="htpc_factory")
-def htpc_factory_fixture(tmp_path: Path) -> Iterator[Callable[..., HtpcProcess]]:
-    """`make(nats_url, name="htpc", **kw)` -> a not-yet-started HtpcProcess under tmp_path; closed at teardown."""
-    made: list[HtpcProcess] = []
-
-    def make(nats_url: str | None, name: str = "htpc", **kwargs: Any) -> HtpcProcess:
-        proc = HtpcProcess(tmp_path / name, nats_url, **kwargs)
-        made.append(proc)
-        return proc
-
-    try:
-        yield make
-    finally:
-        for proc in made:
-            proc.close()
-
-
-@pytest.fixture(name="htpc")
-def htpc_fixture(nats_server: NatsServer, htpc_factory: Callable[..., HtpcProcess]) -> HtpcProcess:
-    """A running HTPC on this test's own nats-server."""
-    proc = htpc_factory(nats_server.url)
-    proc.start()
-    return proc
-
-
-@pytest.fixture(scope="module", name="module_nats")
-def module_nats_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    server = start_nats_server(tmp_path_factory.mktemp("module-nats") / "jetstream")
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module", name="module_htpc")
-def module_htpc_fixture(module_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HtpcProcess]:
-    proc = HtpcProcess(tmp_path_factory.mktemp("module-htpc") / "htpc", module_nats.url)
-    proc.start()
-    try:
-        yield proc
-        proc.stop()
-    finally:
-        proc.close()
 
 
 @contextlib.asynccontextmanager

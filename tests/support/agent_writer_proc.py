@@ -1,7 +1,7 @@
 """A stand-alone agent process for crash tests: it writes (and publishes) until it is killed, or flushes and exits.
 
-    python -m tests.agent_writer_proc write <data_dir> <agent_id> <nats_url> [seed]
-    python -m tests.agent_writer_proc flush <data_dir> <agent_id> <nats_url>
+    python -m tests.support.agent_writer_proc write <data_dir> <agent_id> <nats_url> [seed]
+    python -m tests.support.agent_writer_proc flush <data_dir> <agent_id> <nats_url>
 
 `write` prints one JSON line per committed operation: {"n", "committed", "acked", "epoch"} (stdout is flushed
 every line, so the parent always knows how far the agent got when it sends SIGKILL). `flush` opens the same

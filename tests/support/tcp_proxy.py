@@ -13,7 +13,7 @@ import select
 import socket
 import threading
 
-from tests.nats_server import free_port
+from tests.support.nats_server import free_port
 
 
 class TcpProxy:

@@ -1,6 +1,6 @@
 """A chaos-test agent: random transactions forever, and a log of every committed state.
 
-    python -m tests.chaos_agent DATA_DIR AGENT_ID NATS_URL HISTORY_FILE SEED [--flush-and-exit]
+    python -m tests.support.chaos_agent DATA_DIR AGENT_ID NATS_URL HISTORY_FILE SEED [--flush-and-exit]
 
 Each transaction mixes inserts, updates, deletes, primary-key changes and
 multi-row updates on two replicated tables (and writes a private table that

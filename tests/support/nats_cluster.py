@@ -37,7 +37,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from tests.nats_server import HOST, RESERVED_PORTS, free_port, nats_server_binary
+from tests.support.nats_server import HOST, RESERVED_PORTS, free_port, nats_server_binary
 
 __all__ = [
     "CLUSTER_CONFIGS",
@@ -50,7 +50,7 @@ __all__ = [
     "render_node_config",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_DIR = REPO_ROOT / "deploy" / "nats" / "cluster"
 CLUSTER_CONFIGS = tuple(CLUSTER_DIR / f"nats-{i}.conf" for i in (1, 2, 3))
 #: the lines of a node file's settings block; everything else is the same in tests and production
