@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -35,7 +36,9 @@ from agent_client import (
     quote_identifier,
 )
 
+from .data_dir import DataDir
 from .errors import RecordRejected
+from .store_view import AgentView, StoreView, TableView
 
 _STATE_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS _cr_state (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
@@ -460,6 +463,28 @@ class AgentReplica:
             raise RecordRejected(f"cannot write relay row into {table}: {exc}") from None
 
     # -------------------------------------------------------------- views
+    def view(self) -> AgentView:
+        """An immutable snapshot of this replica (its committed state when called between batches)."""
+        return AgentView(
+            agent_id=self.agent_id,
+            path=self.path,
+            epoch=self.epoch,
+            watermark=self.watermark,
+            head_seq=self.head_seq,
+            committed_at=self.committed_at,
+            applied_at=self.applied_at,
+            last_seen=self.last_seen,
+            records_applied=self.records_applied,
+            changes_applied=self.changes_applied,
+            blocked=self.blocked,
+            tables=MappingProxyType(
+                {
+                    name: TableView(m.name, m.source, m.visibility, m.columns, m.types, m.pk, m.sql)
+                    for name, m in self.tables.items()
+                }
+            ),
+        )
+
     def describe(self) -> dict[str, Any]:
         by_vis: dict[str, list[str]] = {"always": [], "on_demand": []}
         for name, meta in sorted(self.tables.items()):
@@ -489,19 +514,34 @@ class AgentReplica:
 
 
 class CentralStore:
-    """All agents' central copies under `<data_dir>/agents/`."""
+    """All agents' central copies under `<data_dir>/agents/`.
 
-    def __init__(self, data_dir: Path) -> None:
+    The apply thread owns `replicas`; code on the event loop reads only `view`,
+    the immutable snapshot published after each batch (`publish_view`).
+    """
+
+    def __init__(self, data_dir: DataDir) -> None:
         self.data_dir = data_dir
-        self.agents_dir = data_dir / "agents"
-        self.agents_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.agents.mkdir(parents=True, exist_ok=True)
         self.replicas: dict[str, AgentReplica] = {}
-        for path in sorted(self.agents_dir.glob("*.db")):
+        for path in sorted(data_dir.agents.glob("*.db")):
             if is_valid_agent_id(path.stem):
                 self.replica(path.stem)
+        self._view = StoreView()
+        self.publish_view()
+
+    @property
+    def view(self) -> StoreView:
+        """The latest published snapshot (safe to read from any thread)."""
+        return self._view
+
+    def publish_view(self) -> StoreView:
+        """Snapshot every replica's committed state for readers (called by the owner after each batch)."""
+        self._view = StoreView(MappingProxyType({a: self.replicas[a].view() for a in sorted(self.replicas)}))
+        return self._view
 
     def path_for(self, agent_id: str) -> Path:
-        return self.agents_dir / f"{agent_id}.db"
+        return self.data_dir.agent_db(agent_id)
 
     def replica(self, agent_id: str) -> AgentReplica:
         rep = self.replicas.get(agent_id)

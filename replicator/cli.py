@@ -136,6 +136,7 @@ async def rebuild(settings: Settings) -> int:
 
     from .central_store import CentralStore
     from .consumer import Consumer
+    from .data_dir import DataDir
     from .dead_letters import DeadLetterStore
     from .embedded_nats import EmbeddedNats
     from .service import connect_nats
@@ -158,7 +159,7 @@ async def rebuild(settings: Settings) -> int:
             if (settings.data_dir / name).exists():
                 shutil.move(str(settings.data_dir / name), backup / name)
         print(f"rebuild: previous central store moved to {backup}", file=sys.stderr)
-        store = CentralStore(settings.data_dir)
+        store = CentralStore(DataDir(settings.data_dir))
         dead = DeadLetterStore(settings.data_dir / "dead_letters.db")
         durable = f"rebuild-{int(time.time())}"
         consumer = Consumer(js, store, dead, durable=durable, batch=512)

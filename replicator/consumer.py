@@ -356,6 +356,7 @@ class Consumer:
                     actions[i] = (NAK, owner)
                 else:
                     actions[i] = (HOLD, owner)  # inside a multi-part transaction still open
+        self.store.publish_view()  # readers on the event loop see this batch's commits from now on
         return result
 
     def _dead(self, item: _Item, agent: str | None, reason: str) -> tuple[str, str | None]:

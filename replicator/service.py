@@ -25,6 +25,7 @@ from agent_client import STREAM_NAME, ensure_stream, reconnecting_options
 from .auth import REPLICATOR_INBOX, AuthStore, load_seed
 from .central_store import CentralStore
 from .consumer import Consumer
+from .data_dir import DataDir
 from .dead_letters import DeadLetterStore
 from .embedded_nats import EmbeddedNats
 from .errors import NatsUnavailable, StreamMisconfigured
@@ -118,7 +119,7 @@ class ReplicatorService:
         self.stream_replicas = await self._check_replicas()
         if self.auth is not None:
             self._auth_watch = asyncio.create_task(self._watch_auth(), name="auth-reload")
-        self.store = CentralStore(s.data_dir)
+        self.store = CentralStore(DataDir(s.data_dir))
         self.dead_letters = DeadLetterStore(s.data_dir / "dead_letters.db")
         self.consumer = Consumer(self.js, self.store, self.dead_letters, durable=s.durable)
         self.consumer.start()
