@@ -16,210 +16,30 @@ import os
 import sqlite3
 import ssl
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
-import orjson
 
-from . import change_log
+from . import catalog, change_log, migration
+from ._sqlite_thread import SQLiteThread
 from .agent_id import validate_agent_id
-from .errors import (
-    CredentialsError,
-    FlushTimeout,
-    HTPCUnavailable,
-    InvalidRow,
-    LocalDatabaseError,
-    NetworkQueryError,
-    StorageClosed,
-    UnknownTable,
-)
-from .identifiers import quote_identifier
-from .local_store import LocalStore, call_in_thread, open_connection, translate_sqlite_error
+from .credentials import read_seed
+from .errors import FlushTimeout, HTPCUnavailable, InvalidRow, NetworkQueryError, StorageClosed
+from .local_store import LocalStore, open_connection, translate_sqlite_error
 from .migration import Migration, apply_migrations, check_migrations
 from .nats_link import NatsLink
 from .publisher import Publisher
 from .query_responder import QueryResponder
+from .row_writer import RowId, RowWriter
+from .subjects import agent_inbox_prefix
 from .visibility import Visibility, parse_visibility
 
 log = logging.getLogger("agent_client")
 
-_I64 = (-(2**63), 2**63 - 1)
-RowId = Any
-
-
-def _read_seed(value: str | None, file: str | Path | None) -> str | None:
-    if value:
-        return value.strip()
-    if file:
-        try:
-            lines = [ln.strip() for ln in Path(file).read_text().splitlines() if ln.strip()]
-        except OSError as exc:
-            raise CredentialsError(f"cannot read the NATS nkey seed file {file}: {exc}") from None
-        return lines[0] if lines else None
-    return None
-
-
-def _to_sqlite(table: str, column: str, value: Any) -> Any:
-    """Python value -> SQLite value for write_data; lists and dicts become JSON text."""
-    if value is None or isinstance(value, str | float | bytes):
-        return value
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        if not _I64[0] <= value <= _I64[1]:
-            raise InvalidRow(f"{table}.{column}: integer {value} does not fit in 64 bits")
-        return value
-    if isinstance(value, bytearray | memoryview):
-        return bytes(value)
-    if isinstance(value, list | dict | tuple):
-        try:
-            return orjson.dumps(value).decode()
-        except TypeError as exc:
-            raise InvalidRow(f"{table}.{column}: value is not JSON-serialisable: {exc}") from None
-    raise InvalidRow(f"{table}.{column}: unsupported value type {type(value).__name__}")
-
-
-class _Schema:
-    """Per-connection cache of table descriptions and upsert statements, dropped when the schema changes."""
-
-    def __init__(self) -> None:
-        self.version = -1
-        self.tables: dict[str, change_log.TableInfo] = {}
-        self.statements: dict[tuple[str, tuple[str, ...]], str] = {}
-
-    def refresh(self, conn: sqlite3.Connection) -> None:
-        version = int(conn.execute("PRAGMA schema_version").fetchone()[0])
-        if version != self.version:
-            self.tables.clear()
-            self.statements.clear()
-            self.version = version
-
-    def info(self, conn: sqlite3.Connection, table: str) -> change_log.TableInfo:
-        info = self.tables.get(table)
-        if info is None:
-            if not isinstance(table, str):
-                raise UnknownTable(f"table name must be a string, got {type(table).__name__}")
-            info = change_log.table_info(conn, table)
-            self.tables[table] = info
-        return info
-
-    def upsert_sql(self, info: change_log.TableInfo, cols: tuple[str, ...]) -> str:
-        key = (info.name, cols)
-        sql = self.statements.get(key)
-        if sql is None:
-            q = quote_identifier
-            sql = f"INSERT INTO {q(info.name)} ({', '.join(map(q, cols))}) VALUES ({', '.join('?' * len(cols))})"
-            if info.pk:
-                updates = [c for c in cols if c not in info.pk]
-                target = ", ".join(map(q, info.pk))
-                if updates:
-                    sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in updates)
-                    sql += f" ON CONFLICT ({target}) DO UPDATE SET {sets}"
-                else:
-                    sql += f" ON CONFLICT ({target}) DO NOTHING"
-            self.statements[key] = sql
-        return sql
-
-
-def _upsert(conn: sqlite3.Connection, schema: _Schema, table: str, data: Mapping[str, Any]) -> RowId:
-    """Upsert one row; the caller has called schema.refresh() in this transaction."""
-    if not isinstance(data, Mapping):
-        raise InvalidRow(f"data for {table!r} must be a dict of column -> value")
-    info = schema.info(conn, table)
-    row = dict(data)
-    for k in row:
-        if k not in info.columns:
-            unknown = [c for c in row if c not in info.columns]
-            raise InvalidRow(f"{table} has no column(s) {', '.join(map(repr, unknown))}")
-    if len(info.pk) == 1 and info.pk[0] not in row:
-        if not info.integer_pk:
-            row[info.pk[0]] = uuid.uuid4().hex
-    else:
-        missing = [c for c in info.pk if c not in row]
-        if missing:
-            raise InvalidRow(f"{table}: primary key column(s) {', '.join(missing)} missing")
-    if not row:
-        raise InvalidRow(f"no values given for {table!r}")
-    cols = tuple(row)
-    values = [_to_sqlite(table, c, row[c]) for c in cols]
-    cur = conn.execute(schema.upsert_sql(info, cols), values)
-    if len(info.pk) == 1:
-        return row.get(info.pk[0], cur.lastrowid)
-    if not info.pk:
-        return cur.lastrowid
-    return tuple(row[c] for c in info.pk)
-
-
-def _upsert_one(conn: sqlite3.Connection, schema: _Schema, table: str, data: Mapping[str, Any]) -> RowId:
-    schema.refresh(conn)
-    return _upsert(conn, schema, table, data)
-
-
-def _upsert_many(conn: sqlite3.Connection, schema: _Schema, items: list[tuple[str, Mapping[str, Any]]]) -> list[RowId]:
-    """A batch in one transaction; consecutive rows of one table with the same columns share one executemany."""
-    schema.refresh(conn)
-    out: list[RowId] = []
-    i, n = 0, len(items)
-    while i < n:
-        table, data = items[i]
-        j = i + 1
-        if isinstance(data, Mapping) and data:
-            keys = tuple(data)
-            while j < n and items[j][0] == table and isinstance(items[j][1], Mapping) and tuple(items[j][1]) == keys:
-                j += 1
-        if j - i > 1:
-            out.extend(_upsert_run(conn, schema, table, keys, [d for _t, d in items[i:j]]))
-        else:
-            out.append(_upsert(conn, schema, table, data))
-        i = j
-    return out
-
-
-def _upsert_run(
-    conn: sqlite3.Connection, schema: _Schema, table: str, keys: tuple[str, ...], rows: list[Mapping[str, Any]]
-) -> list[RowId]:
-    """Rows of one table with the same columns: checked once, written with one executemany."""
-    info = schema.info(conn, table)
-    unknown = [k for k in keys if k not in info.columns]
-    if unknown:
-        raise InvalidRow(f"{table} has no column(s) {', '.join(map(repr, unknown))}")
-    cols = keys
-    generated: list[str] = []
-    auto_ids = False
-    if len(info.pk) == 1 and info.pk[0] not in keys:
-        if info.integer_pk:
-            auto_ids = True
-        else:
-            generated = [uuid.uuid4().hex for _ in rows]
-            cols = (*keys, info.pk[0])
-    else:
-        missing = [c for c in info.pk if c not in keys]
-        if missing:
-            raise InvalidRow(f"{table}: primary key column(s) {', '.join(missing)} missing")
-    values = [[_to_sqlite(table, c, row[c]) for c in keys] for row in rows]
-    for row_values, key in zip(values, generated, strict=False):
-        row_values.append(key)
-    sql = schema.upsert_sql(info, cols)
-    if not auto_ids:
-        conn.executemany(sql, values)
-        if generated:
-            return list(generated)
-        if len(info.pk) == 1:
-            return [row[info.pk[0]] for row in rows]
-        return [tuple(row[c] for c in info.pk) for row in rows]
-    # SQLite assigns the keys: every new rowid is above the largest one before the insert, and this
-    # transaction is the only writer, so the new rows are exactly those above it.
-    q = quote_identifier
-    before = conn.execute(f"SELECT max(rowid) FROM {q(table)}").fetchone()[0] or 0
-    conn.executemany(sql, values)
-    new_ids = [r[0] for r in conn.execute(f"SELECT rowid FROM {q(table)} WHERE rowid > ? ORDER BY rowid", (before,))]
-    if len(new_ids) != len(rows):
-        raise LocalDatabaseError(f"cannot tell the keys SQLite gave {len(rows)} new rows of {table}")
-    return new_ids
+T = TypeVar("T")
 
 
 def _rows_as_dicts(cur: sqlite3.Cursor) -> list[dict[str, Any]]:
@@ -232,22 +52,22 @@ def _rows_as_dicts(cur: sqlite3.Cursor) -> list[dict[str, Any]]:
 class Transaction:
     """A caller-driven local transaction (see AgentStorage.transaction)."""
 
-    def __init__(self, storage: AgentStorage, conn: Any) -> None:
-        self._storage = storage
+    def __init__(self, conn: SQLiteThread, rows: RowWriter) -> None:
         self._conn = conn
+        self._rows = rows
 
     async def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[dict[str, Any]]:
         try:
-            return await call_in_thread(self._conn, lambda c: _rows_as_dicts(c.execute(sql, params)))
+            return await self._conn.call(lambda c: _rows_as_dicts(c.execute(sql, params)))
         except sqlite3.Error as exc:
-            raise translate_sqlite_error(exc) from None
+            raise translate_sqlite_error(exc) from exc
 
     async def write_data(self, table: str, data: Mapping[str, Any]) -> RowId:
-        schema = self._storage._schema
+        rows = self._rows
         try:
-            return await call_in_thread(self._conn, lambda c: _upsert_one(c, schema, table, data))
+            return await self._conn.call(lambda c: rows.upsert_one(c, table, data))
         except sqlite3.Error as exc:
-            raise translate_sqlite_error(exc) from None
+            raise translate_sqlite_error(exc) from exc
 
 
 class AgentStorage:
@@ -285,16 +105,16 @@ class AgentStorage:
         self.replicate = replicate
         self.epoch = ""
         self._store = LocalStore(self.db_path)
-        self._schema = _Schema()
+        self._rows = RowWriter()
         options = dict(nats_options or {})
-        seed = _read_seed(
+        seed = read_seed(
             nats_seed or os.environ.get("COMMANDER_NATS_SEED"),
             nats_seed_file or os.environ.get("COMMANDER_NATS_SEED_FILE"),
         )
         if seed:
             options.setdefault("nkeys_seed_str", seed)
         # Replies come to an inbox only this agent may subscribe to (see `replicator auth`).
-        options.setdefault("inbox_prefix", f"_INBOX_{self.agent_id}")
+        options.setdefault("inbox_prefix", agent_inbox_prefix(self.agent_id))
         self._htpc_token = htpc_token or os.environ.get("COMMANDER_HTPC_TOKEN")
         # A CA file path becomes an SSL context (httpx wants a context, not a path).
         self._htpc_verify: bool | ssl.SSLContext = (
@@ -313,7 +133,7 @@ class AgentStorage:
         self._max_in_flight = max_in_flight
         self._http_timeout = http_timeout
         self._http: httpx.AsyncClient | None = None
-        self._reader: Any = None
+        self._reader: SQLiteThread | None = None
         self._opened = False
         self._closed = False
 
@@ -324,8 +144,9 @@ class AgentStorage:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await self._store.open()
         agent_id = self.agent_id
-        self.epoch = await self._store.run(lambda c: change_log.init_schema(c, agent_id))
-        await self._store.write(change_log.resync_schema)
+        self.epoch = await self._store.run(lambda c: catalog.init_schema(c, agent_id))
+        await self._store.run(migration.init_schema)
+        await self._store.write(catalog.resync_schema)
         self._reader = await open_connection(self.db_path)
         if self.replicate:
             self._publisher = Publisher(
@@ -368,6 +189,11 @@ class AgentStorage:
                 await self._reader.close()
         await self._store.close()
 
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` on the reader connection (its own thread; never waits for the writer)."""
+        assert self._reader is not None
+        return await self._reader.call(fn)
+
     def _check_open(self) -> None:
         if self._closed:
             raise StorageClosed(f"storage of agent {self.agent_id} is closed")
@@ -388,17 +214,17 @@ class AgentStorage:
         """Declare a table `always` (replicated), `on_demand` (queried live) or `private` (never leaves)."""
         self._check_open()
         vis = parse_visibility(visibility)
-        await self._store.write(lambda c: change_log.apply_visibility(c, table, vis))
+        await self._store.write(lambda c: catalog.apply_visibility(c, table, vis))
 
     async def visibility(self) -> dict[str, Visibility]:
         """Every user table with its visibility (undeclared tables are private)."""
         self._check_open()
 
         def read(c: sqlite3.Connection) -> dict[str, Visibility]:
-            declared = {name: v for name, (v, _l, _s) in change_log.current_tables(c).items()}
-            return {t: declared.get(t, Visibility.PRIVATE) for t in change_log.user_tables(c)}
+            declared = {name: v for name, (v, _l, _s) in catalog.current_tables(c).items()}
+            return {t: declared.get(t, Visibility.PRIVATE) for t in catalog.user_tables(c)}
 
-        return await call_in_thread(self._reader, read)
+        return await self._read(read)
 
     # ------------------------------------------------------------------ writes
     async def write_data(self, table: str, data: Mapping[str, Any]) -> RowId:
@@ -410,8 +236,8 @@ class AgentStorage:
         self._check_open()
         if not isinstance(data, Mapping):
             raise InvalidRow(f"data for {table!r} must be a dict of column -> value")
-        schema = self._schema
-        return await self._store.write(lambda c: _upsert_one(c, schema, table, data), single_statement=True)
+        rows = self._rows
+        return await self._store.write(lambda c: rows.upsert_one(c, table, data), single_statement=True)
 
     async def batch_write(self, records: Iterable[Mapping[str, Any]]) -> list[RowId]:
         """Write `[{"table": ..., "data": {...}}, ...]` in one local transaction (all or nothing)."""
@@ -421,8 +247,8 @@ class AgentStorage:
             if not isinstance(rec, Mapping) or "table" not in rec or not isinstance(rec.get("data"), Mapping):
                 raise InvalidRow(f"batch record {i} must be {{'table': str, 'data': dict}}")
             items.append((rec["table"], rec["data"]))
-        schema = self._schema
-        return await self._store.write(lambda c: _upsert_many(c, schema, items))  # type: ignore[no-any-return]
+        rows = self._rows
+        return await self._store.write(lambda c: rows.upsert_many(c, items))  # type: ignore[no-any-return]
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
@@ -433,7 +259,7 @@ class AgentStorage:
         """
         self._check_open()
         async with self._store.exclusive_transaction() as conn:
-            yield Transaction(self, conn)
+            yield Transaction(conn, self._rows)
 
     # ------------------------------------------------------------------ reads
     async def query_local(
@@ -442,14 +268,14 @@ class AgentStorage:
         """Run SQL on the local database (fast, never touches the network); rows as dicts."""
         self._check_open()
         try:
-            return await call_in_thread(self._reader, lambda c: _rows_as_dicts(c.execute(query, params or ())))
+            return await self._read(lambda c: _rows_as_dicts(c.execute(query, params or ())))
         except sqlite3.Error as exc:
-            raise translate_sqlite_error(exc) from None
+            raise translate_sqlite_error(exc) from exc
 
     async def last_committed_seq(self) -> int:
         """The sequence number of the newest committed local change."""
         self._check_open()
-        return await call_in_thread(self._reader, change_log.last_committed_seq)
+        return await self._read(change_log.last_committed_seq)
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Wait until every change committed so far is acknowledged by JetStream."""
@@ -491,7 +317,7 @@ class AgentStorage:
         try:
             resp = await self._http.post(f"{self.htpc_url}/relay/query", json=payload)
         except httpx.HTTPError as exc:
-            raise HTPCUnavailable(f"HTPC at {self.htpc_url} unreachable: {exc!r}") from None
+            raise HTPCUnavailable(f"HTPC at {self.htpc_url} unreachable: {exc!r}") from exc
         try:
             body = resp.json()
         except ValueError:
@@ -504,14 +330,35 @@ class AgentStorage:
             )
         return body  # type: ignore[no-any-return]
 
+    # ------------------------------------------------------------------ replication state
+    @property
+    def acked_seq(self) -> int | None:
+        """The newest local change JetStream has acknowledged (None with replicate=False)."""
+        return self._publisher.acked_seq if self._publisher is not None else None
+
+    @property
+    def records_published(self) -> int:
+        """Change records acknowledged by JetStream since this storage was opened."""
+        return self._publisher.records_published if self._publisher is not None else 0
+
+    @property
+    def nats_connected_url(self) -> str | None:
+        """The NATS server the agent is connected to right now (None while disconnected)."""
+        return self._link.connected_url
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """Every NATS server URL the agent's client knows: the ones given and those the cluster announced."""
+        return self._link.servers
+
     # ------------------------------------------------------------------ health
     async def health_check(self) -> dict[str, Any]:
         """Storage health: local db, NATS link, backlog, last publish, tables by visibility."""
         self._check_open()
         local: dict[str, Any] = {"path": str(self.db_path)}
         try:
-            mode = await call_in_thread(self._reader, lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
-            ok = await call_in_thread(self._reader, lambda c: c.execute("PRAGMA quick_check(1)").fetchone()[0])
+            mode = await self._read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+            ok = await self._read(lambda c: c.execute("PRAGMA quick_check(1)").fetchone()[0])
             local.update(ok=ok == "ok", journal_mode=mode)
         except sqlite3.Error as exc:
             local.update(ok=False, error=str(exc))
@@ -531,6 +378,8 @@ class AgentStorage:
                 or (
                     str(self._link.nc.connected_url.geturl()) if self._link.nc and self._link.nc.connected_url else None
                 ),
+                "connected_url": self._link.connected_url,
+                "servers": self._link.servers,
                 "last_error": (pub.last_error if pub and pub.last_error else None) or self._link.last_error,
             },
             "htpc_connection": self._link.connected,
@@ -538,6 +387,7 @@ class AgentStorage:
             "sync_queue_size": backlog,
             "last_committed_seq": await self.last_committed_seq(),
             "acked_seq": pub.acked_seq if pub else None,
+            "records_published": pub.records_published if pub else 0,
             "last_publish_at": pub.last_publish_at if pub else None,
             "tables": by_vis,
             "unreplicated_tables": by_vis["on_demand"] + by_vis["private"],

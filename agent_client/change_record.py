@@ -4,14 +4,22 @@ Defined once here and imported by the replicator, so both ends can never
 disagree about a field. A record carries a run of consecutive change sequence
 numbers of one agent database (`epoch`); the replicator applies it in one
 central transaction. Values keep their SQLite storage class exactly: JSON
-numbers, strings and null carry INTEGER, REAL, TEXT and NULL, and the two
-things JSON cannot say (BLOBs, non-finite REALs) are tagged objects.
+numbers, strings and null carry INTEGER, REAL, TEXT and NULL, and the three
+things JSON cannot say are tagged objects: BLOBs `{"b": base64}`, non-finite
+REALs `{"f": "inf"|"-inf"|"nan"}` and TEXT whose bytes are not UTF-8
+`{"t": base64}` (see `InvalidText`).
+
+This module is the only place that knows the layout of a record: the
+publisher builds its bytes with `change_json`, `layout_json` and
+`change_record_bytes`, the replicator reads them with `decode_record` and
+`decode_values`, and every message id is made by `msg_id`/`relay_msg_id`.
 """
 
 from __future__ import annotations
 
 import base64
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import orjson
@@ -34,6 +42,22 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
 SQLiteValue = int | float | str | bytes | None
+
+_INF = math.inf
+
+
+class InvalidText(bytes):
+    """TEXT whose bytes are not UTF-8.
+
+    SQLite stores such a value without complaint, but Python's sqlite3 cannot
+    decode it into a `str`; its bytes travel as they are, tagged so the other
+    end knows the storage class is TEXT and not BLOB.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"InvalidText({bytes(self)!r})"
 
 
 class TableLayout(BaseModel):
@@ -137,6 +161,8 @@ AnyRecord = ChangeRecord | RelayRecord
 
 def encode_value(value: SQLiteValue) -> Any:
     """SQLite value -> JSON-able value (tags only where JSON cannot carry it)."""
+    if isinstance(value, InvalidText):
+        return {"t": base64.b64encode(value).decode("ascii")}
     if isinstance(value, bytes | bytearray | memoryview):
         return {"b": base64.b64encode(bytes(value)).decode("ascii")}
     if isinstance(value, float) and not math.isfinite(value):
@@ -164,7 +190,28 @@ def decode_value(value: Any) -> SQLiteValue:
                 raise ValueError(f"bad base64 blob: {exc}") from None
         if "f" in value and value["f"] in ("inf", "-inf", "nan"):
             return float(value["f"])
+        if "t" in value and isinstance(value["t"], str):
+            try:
+                return InvalidText(base64.b64decode(value["t"], validate=True))
+            except ValueError as exc:
+                raise ValueError(f"bad base64 text: {exc}") from None
     raise ValueError(f"not a SQLite value: {value!r}")
+
+
+def encode_values(values: Iterable[SQLiteValue]) -> list[Any]:
+    """A row of SQLite values -> its wire form; the values themselves (as a list) when none needs a tag.
+
+    The common row (integers, finite REALs, text, NULL) is checked once and not copied value by value.
+    """
+    out = list(values)
+    for v in out:
+        t = type(v)
+        if t is float:
+            if v == _INF or v == -_INF or v != v:
+                return [encode_value(x) for x in out]
+        elif t is not int and t is not str and v is not None:
+            return [encode_value(x) for x in out]
+    return out
 
 
 def decode_values(values: list[Any]) -> list[SQLiteValue]:
@@ -205,6 +252,65 @@ def decode_record(data: bytes) -> AnyRecord:
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise RecordDecodeError(f"invalid {kind} record: {where}: {first.get('msg')}") from None
     raise RecordDecodeError(f"unknown record kind {kind!r}")
+
+
+def change_json(seq: int, op: str, layout_id: int, values: Iterable[SQLiteValue]) -> bytes:
+    """One change of a record, `[seq, op, layout, values]`, as JSON bytes (values wire-encoded here)."""
+    return orjson.dumps([seq, op, layout_id, encode_values(values)])
+
+
+def layout_json(
+    *,
+    table: str,
+    columns: Sequence[str],
+    types: Sequence[str],
+    pk: Sequence[str],
+    sql: str | None,
+    visibility: str,
+) -> bytes:
+    """A table layout as it appears in a record's `layouts`, as JSON bytes (made once per layout, then reused)."""
+    return orjson.dumps(
+        {
+            "table": table,
+            "columns": list(columns),
+            "types": list(types),
+            "pk": list(pk),
+            "sql": sql,
+            "visibility": visibility,
+        }
+    )
+
+
+def change_record_bytes(
+    *,
+    agent_id: str,
+    epoch: str,
+    first_seq: int,
+    last_seq: int,
+    final: bool,
+    committed_at: float,
+    layouts_json: Mapping[int, bytes],
+    changes_json: Sequence[bytes],
+) -> bytes:
+    """The bytes of a change record, from layouts (`layout_json`) and changes (`change_json`) already encoded.
+
+    The publisher encodes each change once while it packs records by size; this only joins the parts, so a
+    record costs no second serialisation. `decode_record` reads the result.
+    """
+    header = orjson.dumps(
+        {
+            "v": RECORD_VERSION,
+            "kind": "changes",
+            "agent_id": agent_id,
+            "epoch": epoch,
+            "first_seq": first_seq,
+            "last_seq": last_seq,
+            "final": final,
+            "committed_at": committed_at,
+        }
+    )
+    layouts = b",".join(b'"%d":%s' % (lid, layouts_json[lid]) for lid in sorted(layouts_json))
+    return b"".join((header[:-1], b',"layouts":{', layouts, b'},"changes":[', b",".join(changes_json), b"]}"))
 
 
 def msg_id(agent_id: str, epoch: str, first_seq: int, last_seq: int) -> str:

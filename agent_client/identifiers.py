@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidIdentifier
-
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 RESERVED_PREFIXES = ("sqlite_", "_cr_")
 
@@ -23,16 +21,6 @@ def is_valid_identifier(name: object) -> bool:
     )
 
 
-def validate_identifier(name: object, what: str = "identifier") -> str:
-    if not is_valid_identifier(name):
-        raise InvalidIdentifier(
-            f"invalid {what} {name!r}: use letters, digits and '_' (not starting with a digit, "
-            "at most 128 characters, not starting with 'sqlite_' or '_cr_')"
-        )
-    assert isinstance(name, str)
-    return name
-
-
 def quote_identifier(name: str) -> str:
-    """Quote an identifier that has passed validate_identifier."""
+    """Quote an identifier (one that has passed is_valid_identifier, or a name from SQLite's own catalog)."""
     return '"' + name.replace('"', '""') + '"'

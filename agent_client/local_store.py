@@ -1,11 +1,12 @@
 """The agent's SQLite database: one writer connection with group commit.
 
-All writes go through one aiosqlite connection. Concurrent callers are
-gathered into one transaction (each in its own SAVEPOINT, so one caller's
-error never undoes another's write) and committed together: the commit cost
-is shared, and a caller's future resolves only after its data is committed.
-The publisher's bookkeeping writes (closing a transaction group, trimming the
-log) take the same queue, so they are never starved by a busy writer.
+All writes go through one connection, owned by a thread of its own
+(`_sqlite_thread`). Concurrent callers are gathered into one transaction
+(each in its own SAVEPOINT, so one caller's error never undoes another's
+write) and committed together: the commit cost is shared, and a caller's
+future resolves only after its data is committed. The publisher's
+bookkeeping writes (closing a transaction group, trimming the log) take the
+same queue, so they are never starved by a busy writer.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiosqlite
-
+from ._sqlite_thread import SQLiteThread
 from .errors import ConstraintViolation, LocalDatabaseError, StorageClosed, StorageFull
 
 T = TypeVar("T")
@@ -41,34 +41,29 @@ def translate_sqlite_error(exc: BaseException) -> BaseException:
     return LocalDatabaseError(f"local database error: {msg}")
 
 
-async def open_connection(path: Path, *, read_only: bool = False) -> aiosqlite.Connection:
-    if read_only:
-        conn = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-    else:
-        conn = await aiosqlite.connect(path, isolation_level=None)
-    await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    if not read_only:
-        await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute("PRAGMA synchronous = NORMAL")
-        await conn.execute("PRAGMA foreign_keys = ON")
-        await conn.execute("PRAGMA recursive_triggers = ON")
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA recursive_triggers = ON")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
-async def call_in_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-    """Run `fn(sqlite3_connection)` on the aiosqlite connection's own thread, in one hop.
-
-    aiosqlite executes one statement per hop; a multi-statement unit (a group
-    commit, a migration) must run without yielding between statements, which
-    its queue-a-callable method provides.
-    """
-    return await conn._execute(lambda: fn(conn._conn))  # type: ignore[no-any-return,no-untyped-call]
+async def open_connection(path: Path) -> SQLiteThread:
+    """Open `path` (WAL mode, busy timeout, foreign keys, recursive triggers) on a thread of its own."""
+    return await SQLiteThread(lambda: _connect(path), name=f"sqlite:{path.name}").open()
 
 
 class LocalStore:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._conn: aiosqlite.Connection | None = None
+        self._conn: SQLiteThread | None = None
         self._pending: list[tuple[WriteFn, bool, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._exclusive = asyncio.Lock()
@@ -79,10 +74,10 @@ class LocalStore:
         try:
             self._conn = await open_connection(self.path)
         except sqlite3.Error as exc:
-            raise translate_sqlite_error(exc) from None
+            raise translate_sqlite_error(exc) from exc
 
     @property
-    def conn(self) -> aiosqlite.Connection:
+    def conn(self) -> SQLiteThread:
         if self._conn is None or self._closed:
             raise StorageClosed("storage is closed")
         return self._conn
@@ -91,9 +86,9 @@ class LocalStore:
         """Run `fn` on the writer connection outside any group (it manages its own transaction)."""
         async with self._exclusive:
             try:
-                return await call_in_thread(self.conn, fn)
+                return await self.conn.call(fn)
             except sqlite3.Error as exc:
-                raise translate_sqlite_error(exc) from None
+                raise translate_sqlite_error(exc) from exc
 
     async def write(self, fn: WriteFn, *, single_statement: bool = False) -> Any:
         """Run `fn` inside a group-committed transaction; returns its result once committed.
@@ -115,7 +110,7 @@ class LocalStore:
                 batch, self._pending = self._pending[:_MAX_GROUP], self._pending[_MAX_GROUP:]
                 fns = [(fn, single) for fn, single, _ in batch]
                 try:
-                    outcomes = await call_in_thread(self.conn, lambda c: _run_group(c, fns))  # noqa: B023
+                    outcomes = await self.conn.call(lambda c: _run_group(c, fns))  # noqa: B023
                 except BaseException as exc:  # commit failed: nothing in the group was written
                     err = translate_sqlite_error(exc)
                     for _, _, fut in batch:
@@ -133,26 +128,26 @@ class LocalStore:
                 self.on_commit()
 
     @contextlib.asynccontextmanager
-    async def exclusive_transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def exclusive_transaction(self) -> AsyncIterator[SQLiteThread]:
         """Hold the writer for a caller-driven transaction (BEGIN IMMEDIATE ... COMMIT)."""
         async with self._exclusive:
             conn = self.conn
             try:
-                await conn.execute("BEGIN IMMEDIATE")
+                await conn.call(_begin_immediate)
             except sqlite3.Error as exc:
-                raise translate_sqlite_error(exc) from None
+                raise translate_sqlite_error(exc) from exc
             try:
                 yield conn
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
-                    await conn.execute("ROLLBACK")
+                    await conn.call(_rollback)
                 raise
             try:
-                await conn.execute("COMMIT")
+                await conn.call(_commit)
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
-                    await conn.execute("ROLLBACK")
-                raise translate_sqlite_error(exc) from None
+                    await conn.call(_rollback)
+                raise translate_sqlite_error(exc) from exc
         if self.on_commit is not None:
             self.on_commit()
 
@@ -170,6 +165,18 @@ class LocalStore:
             if not fut.done():
                 fut.set_exception(StorageClosed("storage closed before the write ran"))
         self._pending = []
+
+
+def _begin_immediate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+
+
+def _commit(conn: sqlite3.Connection) -> None:
+    conn.execute("COMMIT")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    conn.execute("ROLLBACK")
 
 
 def _run_group(conn: sqlite3.Connection, fns: list[tuple[WriteFn, bool]]) -> list[tuple[bool, Any]]:

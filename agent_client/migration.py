@@ -14,8 +14,16 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from . import change_log
+from . import catalog
 from .errors import MigrationConflict, MigrationFailed
+from .statements import split_statements
+
+VERSION_TABLE_SQL = """CREATE TABLE IF NOT EXISTS _cr_schema_version (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    applied_at REAL NOT NULL
+)"""
 
 
 @dataclass(frozen=True)
@@ -29,23 +37,17 @@ class Migration:
         return hashlib.sha256(self.sql.strip().encode()).hexdigest()
 
 
+def init_schema(conn: sqlite3.Connection) -> None:
+    """Create `_cr_schema_version` if missing (one statement: atomic on its own)."""
+    conn.execute(VERSION_TABLE_SQL)
+
+
 def _statements(sql: str) -> list[str]:
-    out: list[str] = []
-    buf = ""
-    # Cut at each ';' that completes a statement (not per line: `ALTER ...; UPDATE ...;` on one line is
-    # two statements), so a ';' inside a string, a comment or a trigger body does not cut.
-    pieces = sql.split(";")
-    for piece in pieces[:-1]:
-        buf += piece + ";"
-        if sqlite3.complete_statement(buf):
-            out.append(buf.strip())
-            buf = ""
-    buf += pieces[-1]
-    if buf.strip():
-        if not sqlite3.complete_statement(buf + "\n;"):
-            raise MigrationFailed(f"incomplete SQL statement: {buf.strip()[:80]!r}")
-        out.append(buf.strip())
-    return [s for s in out if s.strip(" ;\n\t")]
+    """The migration's statements; an incomplete trailing statement is refused, not run."""
+    out = split_statements(sql)
+    if out and not sqlite3.complete_statement(out[-1] + "\n;"):
+        raise MigrationFailed(f"incomplete SQL statement: {out[-1][:80]!r}")
+    return out
 
 
 def check_migrations(migrations: Iterable[Migration]) -> list[Migration]:
@@ -92,11 +94,11 @@ def apply_migrations(conn: sqlite3.Connection, migrations: list[Migration]) -> l
                 "INSERT INTO _cr_schema_version (version, name, checksum, applied_at) VALUES (?, ?, ?, ?)",
                 (m.version, m.name, m.checksum, time.time()),
             )
-            change_log.resync_schema(conn)
+            catalog.resync_schema(conn)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             conn.execute("ROLLBACK")
-            raise MigrationFailed(f"migration {m.version} failed and was rolled back: {exc}") from None
+            raise MigrationFailed(f"migration {m.version} failed and was rolled back: {exc}") from exc
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import ssl
 from typing import Any
 
@@ -20,10 +19,9 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-log = logging.getLogger("agent_client.nats")
+from .backoff import Backoff
 
-_BACKOFF_MIN = 0.2
-_BACKOFF_MAX = 5.0
+log = logging.getLogger("agent_client.nats")
 
 
 def reconnecting_options(url: str, name: str) -> dict[str, Any]:
@@ -39,13 +37,6 @@ def reconnecting_options(url: str, name: str) -> dict[str, Any]:
         "ping_interval": 5,
         "max_outstanding_pings": 3,
     }
-
-
-def backoff_delays() -> Any:
-    delay = _BACKOFF_MIN
-    while True:
-        yield delay * (0.5 + random.random())
-        delay = min(delay * 2, _BACKOFF_MAX)
 
 
 class NatsLink:
@@ -76,6 +67,18 @@ class NatsLink:
     @property
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
+
+    @property
+    def connected_url(self) -> str | None:
+        """The URL of the server the client is connected to right now (None while disconnected)."""
+        nc = self.nc
+        url = nc.connected_url if nc is not None else None
+        return url.geturl() if url is not None else None
+
+    @property
+    def servers(self) -> list[str]:
+        """Every server URL the client knows (given or discovered from the cluster); empty before connecting."""
+        return [u.geturl() for u in self.nc.servers] if self.nc is not None else []
 
     def on_first_connect(self, callback: Any) -> None:
         """Register `async callback(nc)` run once the connection is first made (subscriptions persist)."""
@@ -110,7 +113,7 @@ class NatsLink:
         return url
 
     async def _connect_loop(self) -> None:
-        delays = backoff_delays()
+        backoff = Backoff()
         while not self._closing:
             url = await self._discover()
             if url is not None:
@@ -140,7 +143,7 @@ class NatsLink:
                     self._connected.set()
                     log.info("connected to NATS at %s", nc.connected_url.netloc if nc.connected_url else url)
                     return
-            await asyncio.sleep(next(delays))
+            await asyncio.sleep(backoff.next())
 
     async def _on_error(self, exc: Exception) -> None:
         self.last_error = f"NATS: {exc!r}"

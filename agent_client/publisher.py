@@ -16,28 +16,23 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
-import sqlite3
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import aiosqlite
-import orjson
 from nats.js.api import PubAck
 
-from . import change_log
-from .change_record import RECORD_VERSION, encode_value, msg_id
-from .local_store import LocalStore, call_in_thread, open_connection
-from .nats_link import NatsLink, backoff_delays
+from . import catalog, change_log
+from ._sqlite_thread import SQLiteThread
+from .backoff import Backoff
+from .change_record import change_json, change_record_bytes, layout_json, msg_id
+from .local_store import LocalStore, open_connection
+from .nats_link import NatsLink
 from .stream import STREAM_NAME, ensure_stream
 from .subjects import changes_subject
 
 log = logging.getLogger("agent_client.publisher")
-
-_INF = math.inf
 
 
 @dataclass
@@ -61,14 +56,6 @@ class _InFlight:
 
 class PublishFailed(Exception):
     """Internal: a publish failed or timed out; rewind to the first unacknowledged change."""
-
-
-def _wire_values(values: tuple[Any, ...]) -> list[Any]:
-    for v in values:
-        t = type(v)
-        if t is bytes or (t is float and (v == _INF or v == -_INF or v != v)):
-            return [encode_value(x) for x in values]
-    return list(values)
 
 
 class Publisher:
@@ -106,15 +93,14 @@ class Publisher:
         self.records_published = 0
         self._trimmed_seq = 0
         self._last_trim = 0.0
-        self._reader: aiosqlite.Connection | None = None
+        self._reader: SQLiteThread | None = None
         self._wake = asyncio.Event()
         self._acked_event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._layouts: dict[int, change_log.Layout] = {}
+        self._layouts: dict[int, catalog.Layout] = {}
         self._layout_json: dict[int, bytes] = {}
-        self._max_layout_id = -1
-        self._width = 0
+        self._width = catalog.WidestLayout()  # used on the reader's thread only
         self._stream_ready = False
         # publishing state, reset on failure
         self._cursor = 0
@@ -125,7 +111,7 @@ class Publisher:
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         self._reader = await open_connection(self.db_path)
-        first, last = await call_in_thread(self._reader, _log_bounds)
+        first, last = await self._reader.call(change_log.bounds)
         self.acked_seq = first - 1 if first else last
         self._trimmed_seq = self.acked_seq
         self._cursor = self.acked_seq
@@ -162,13 +148,13 @@ class Publisher:
         """(changes not yet acknowledged, age in seconds of the oldest of them)."""
         assert self._reader is not None
         acked = self.acked_seq
-        last, oldest_at = await call_in_thread(self._reader, lambda c: _backlog(c, acked))
+        last, oldest_at = await self._reader.call(lambda c: change_log.backlog(c, acked))
         age = (time.time() - oldest_at) if oldest_at is not None else None
         return max(0, last - acked), age
 
     # ----------------------------------------------------------------- main loop
     async def _run(self) -> None:
-        delays = backoff_delays()
+        backoff = Backoff()
         while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
@@ -180,7 +166,7 @@ class Publisher:
                         await ensure_stream(self.link.js)
                         self._stream_ready = True
                     await self._pump()
-                    delays = backoff_delays()
+                    backoff.reset()
                 await self._maybe_trim()
             except asyncio.CancelledError:
                 raise
@@ -188,7 +174,7 @@ class Publisher:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.debug("publisher rewinding after: %s", self.last_error)
                 self._rewind()
-                await asyncio.sleep(next(delays))
+                await asyncio.sleep(backoff.next())
 
     def _rewind(self) -> None:
         self._generation = self.link.generation
@@ -204,8 +190,8 @@ class Publisher:
 
     async def _close_open_group(self) -> None:
         assert self._reader is not None
-        if await call_in_thread(self._reader, _open_group_has_rows):
-            await self.store.write(_bump_clock, single_statement=True)
+        if await self._reader.call(change_log.open_group_has_rows):
+            await self.store.write(change_log.close_group, single_statement=True)
 
     async def _pump(self) -> None:
         """Publish whatever closed groups are available, keeping up to max_in_flight records unacked."""
@@ -215,11 +201,9 @@ class Publisher:
             if len(self._in_flight) >= self.max_in_flight:
                 await self._await_head()
                 continue
-            read = functools.partial(
-                _read_closed, cursor=self._cursor, limit=self.read_batch, known=(self._max_layout_id, self._width)
-            )
             limit = self.read_batch
-            rows, (self._max_layout_id, self._width) = await call_in_thread(self._reader, read)
+            read = functools.partial(change_log.read_closed, cursor=self._cursor, limit=limit, width=self._width)
+            rows = await self._reader.call(read)
             if not rows:
                 if self._carry is not None:
                     # The last read ended exactly where its group did: nothing closed follows, so the
@@ -292,9 +276,7 @@ class Publisher:
             return
         if acked - self._trimmed_seq < 2000 and time.monotonic() - self._last_trim < 0.25:
             return
-        await self.store.write(
-            lambda c: c.execute("DELETE FROM _cr_log WHERE seq <= ?", (acked,)), single_statement=True
-        )
+        await self.store.write(lambda c: change_log.trim(c, acked), single_statement=True)
         self._trimmed_seq = acked
         self._last_trim = time.monotonic()
 
@@ -303,21 +285,19 @@ class Publisher:
         assert self._reader is not None
         missing = ids - self._layouts.keys()
         if missing:
-            loaded = await call_in_thread(self._reader, lambda c: change_log.load_layouts(c, missing))
+            loaded = await self._reader.call(lambda c: catalog.load_layouts(c, missing))
             self._layouts.update(loaded)
             for lid, layout in loaded.items():
-                self._layout_json[lid] = orjson.dumps(
-                    {
-                        "table": layout.table,
-                        "columns": list(layout.columns),
-                        "types": list(layout.types),
-                        "pk": list(layout.pk),
-                        "sql": layout.sql,
-                        "visibility": layout.visibility,
-                    }
+                self._layout_json[lid] = layout_json(
+                    table=layout.table,
+                    columns=layout.columns,
+                    types=layout.types,
+                    pk=layout.pk,
+                    sql=layout.sql,
+                    visibility=layout.visibility,
                 )
 
-    def _pack(self, rows: list[tuple[Any, ...]], *, complete: bool) -> list[tuple[int, int, bytes]]:
+    def _pack(self, rows: list[change_log.LogRow], *, complete: bool) -> list[tuple[int, int, bytes]]:
         """Cut rows into records; a trailing open chunk is carried to the next read unless complete."""
         out: list[tuple[int, int, bytes]] = []
         chunk = self._carry
@@ -332,14 +312,14 @@ class Publisher:
                 chunk = _Chunk(first=seq, tx=tx)
             layout = self._layouts[layout_id]
             if op == "U":
-                values = _wire_values(row[5 : 5 + len(layout.columns)])
+                values = row[5 : 5 + len(layout.columns)]
             elif op == "D":
-                values = _wire_values(row[5 : 5 + len(layout.pk)])
+                values = row[5 : 5 + len(layout.pk)]
             elif op == "V":
-                values = [row[5]]
+                values = row[5:6]
             else:
-                values = []
-            part = orjson.dumps([seq, op, layout_id, values])
+                values = ()
+            part = change_json(seq, op, layout_id, values)
             chunk.parts.append(part)
             chunk.size += len(part) + 1
             chunk.last = seq
@@ -352,66 +332,14 @@ class Publisher:
         return out
 
     def _finish(self, chunk: _Chunk, *, final: bool) -> tuple[int, int, bytes]:
-        layouts = b",".join(b'"%d":%s' % (lid, self._layout_json[lid]) for lid in sorted(chunk.layouts))
-        header = orjson.dumps(
-            {
-                "v": RECORD_VERSION,
-                "kind": "changes",
-                "agent_id": self.agent_id,
-                "epoch": self.epoch,
-                "first_seq": chunk.first,
-                "last_seq": chunk.last,
-                "final": final,
-                "committed_at": chunk.committed_at,
-            }
+        payload = change_record_bytes(
+            agent_id=self.agent_id,
+            epoch=self.epoch,
+            first_seq=chunk.first,
+            last_seq=chunk.last,
+            final=final,
+            committed_at=chunk.committed_at,
+            layouts_json={lid: self._layout_json[lid] for lid in chunk.layouts},
+            changes_json=chunk.parts,
         )
-        payload = b"".join((header[:-1], b',"layouts":{', layouts, b'},"changes":[', b",".join(chunk.parts), b"]}"))
         return chunk.first, chunk.last, payload
-
-
-# ---------------------------------------------------------------------- SQL (db thread)
-def _log_bounds(conn: sqlite3.Connection) -> tuple[int, int]:
-    row = conn.execute("SELECT min(seq) FROM _cr_log").fetchone()
-    return int(row[0] or 0), change_log.last_committed_seq(conn)
-
-
-def _open_group_has_rows(conn: sqlite3.Connection) -> bool:
-    # tx never decreases along seq, so the newest row tells whether the open group has rows.
-    row = conn.execute(
-        "SELECT (SELECT tx FROM _cr_log ORDER BY seq DESC LIMIT 1) >= (SELECT tx FROM _cr_clock WHERE id = 1)"
-    ).fetchone()
-    return bool(row[0])
-
-
-def _bump_clock(conn: sqlite3.Connection) -> None:
-    conn.execute(change_log.CLOSE_GROUP_SQL)
-
-
-def _read_closed(
-    conn: sqlite3.Connection, cursor: int, limit: int, known: tuple[int, int]
-) -> tuple[list[tuple[Any, ...]], tuple[int, int]]:
-    """Closed rows after `cursor`, and (newest layout id, widest layout) from the SAME snapshot.
-
-    Only as many value columns are read as the widest layout has; reading the
-    width in another snapshot could miss a layout committed in between and cut
-    its rows short.
-    """
-    conn.execute("BEGIN")
-    try:
-        max_id = int(conn.execute("SELECT max(id) FROM _cr_layouts").fetchone()[0] or 0)
-        width = known[1] if max_id == known[0] else change_log.widest_layout(conn)
-        cols = "".join(f", v{i}" for i in range(max(width, 1)))
-        rows = conn.execute(
-            f"SELECT seq, tx, layout, op, at{cols} FROM _cr_log "
-            "WHERE seq > ? AND tx < (SELECT tx FROM _cr_clock WHERE id = 1) ORDER BY seq LIMIT ?",
-            (cursor, limit),
-        ).fetchall()
-    finally:
-        conn.execute("COMMIT")
-    return rows, (max_id, width)
-
-
-def _backlog(conn: sqlite3.Connection, acked: int) -> tuple[int, float | None]:
-    last = change_log.last_committed_seq(conn)
-    row = conn.execute("SELECT at FROM _cr_log WHERE seq > ? ORDER BY seq LIMIT 1", (acked,)).fetchone()
-    return last, (float(row[0]) if row else None)

@@ -1,13 +1,25 @@
-"""replicator: the HTPC service — consumes agents' change records and serves the relay API."""
+"""replicator: the HTPC service — consumes agents' change records and serves the relay API.
 
-from .central_store import AgentReplica, CentralStore, Outcome
-from .consumer import Consumer, ConsumerStats
-from .dead_letters import DeadLetterStore
-from .embedded_nats import EmbeddedNats, nats_server_binary
+This module is the package's contract: what is in `__all__` is public, every
+other module is internal and may change. Run the service with the `replicator`
+command (`main`), or embed it: `ReplicatorService(Settings(...))`, `await
+service.start()`, then serve `create_app(service)` with any ASGI server.
+`ReplicatorService` and `create_app` are imported on first use, so the
+command line's small commands do not load NATS and the web stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .cli import main
 from .errors import (
     AgentOffline,
     BadRequest,
     EmbeddedNatsFailed,
+    Forbidden,
     InvalidAgent,
     InvalidName,
     InvalidValue,
@@ -16,35 +28,48 @@ from .errors import (
     PayloadTooLarge,
     RecordRejected,
     ReplicatorError,
+    StreamMisconfigured,
+    TableOwnedByAgent,
+    Unauthorized,
     UnknownAgent,
 )
-from .query_engine import QueryEngine, table_references
-from .service import ReplicatorService
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .relay_api import create_app
+    from .service import ReplicatorService
+
+_LAZY = {"ReplicatorService": ".service", "create_app": ".relay_api"}
 
 __all__ = [
     "AgentOffline",
-    "AgentReplica",
     "BadRequest",
-    "CentralStore",
-    "Consumer",
-    "ConsumerStats",
-    "DeadLetterStore",
-    "EmbeddedNats",
     "EmbeddedNatsFailed",
+    "Forbidden",
     "InvalidAgent",
     "InvalidName",
     "InvalidValue",
     "NatsUnavailable",
     "NotYetReplicated",
-    "Outcome",
     "PayloadTooLarge",
-    "QueryEngine",
     "RecordRejected",
     "ReplicatorError",
     "ReplicatorService",
     "Settings",
+    "StreamMisconfigured",
+    "TableOwnedByAgent",
+    "Unauthorized",
     "UnknownAgent",
-    "nats_server_binary",
-    "table_references",
+    "__version__",
+    "create_app",
+    "main",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

@@ -29,15 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent_client import STREAM_NAME, validate_agent_id
+from starlette.authentication import BaseUser
+
+from agent_client import (
+    CHANGES_SUBJECTS,
+    REPLICATOR_INBOX,
+    STREAM_NAME,
+    agent_inbox_prefix,
+    changes_subject,
+    query_subject,
+    validate_agent_id,
+)
 
 from .errors import ReplicatorError
-
-REPLICATOR_INBOX = "_INBOX_replicator"
-
-
-def agent_inbox_prefix(agent_id: str) -> str:
-    return f"_INBOX_{agent_id}"
 
 
 class AuthError(ReplicatorError):
@@ -46,7 +50,7 @@ class AuthError(ReplicatorError):
 
 
 @dataclass(frozen=True)
-class Principal:
+class Principal(BaseUser):
     """Whoever presented a valid token: an agent (scoped to its id) or an operator (everything)."""
 
     kind: str  # "agent" | "operator"
@@ -55,6 +59,18 @@ class Principal:
     @property
     def is_operator(self) -> bool:
         return self.kind == "operator"
+
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+    @property
+    def display_name(self) -> str:
+        return self.name
+
+    @property
+    def identity(self) -> str:
+        return f"{self.kind}:{self.name}"
 
 
 def _new_user_seed() -> tuple[str, str]:
@@ -80,6 +96,7 @@ class AuthStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.path = root / "auth.json"
+        self.nats_conf_path = root / "nats-authorization.conf"
         self.data: dict[str, Any] = {"replicator": None, "agents": {}, "operators": {}}
         self.mtime = 0.0
         self.reload()
@@ -102,12 +119,12 @@ class AuthStore:
 
     def save(self) -> None:
         _write_secret(self.path, json.dumps(self.data, indent=2, sort_keys=True))
-        _write_secret(self.root / "nats-authorization.conf", self.nats_authorization_conf())
+        _write_secret(self.nats_conf_path, self.nats_authorization_conf())
         self.mtime = self.path.stat().st_mtime
 
     def init(self) -> str:
         """Create the replicator's key (idempotent). Returns the path of its seed file."""
-        seed_file = self.root / "replicator.nk"
+        seed_file = self.replicator_seed_file()
         if not self.initialized:
             seed, public = _new_user_seed()
             _write_secret(seed_file, seed + "\n")
@@ -117,6 +134,10 @@ class AuthStore:
 
     def replicator_seed_file(self) -> Path:
         return self.root / "replicator.nk"
+
+    def agent_seed_file(self, agent_id: str) -> Path:
+        """Where `add_agent` leaves the agent's nkey seed (to hand to the agent)."""
+        return self.root / "agents" / f"{agent_id}.nk"
 
     def add_agent(self, agent_id: str, *, on_demand_readers: list[str] | None = None) -> tuple[str, str]:
         """New credentials for an agent (replacing old ones): (nkey seed, API token)."""
@@ -132,7 +153,7 @@ class AuthStore:
             "token_sha256": token_digest(token),
             "on_demand_readers": sorted(set(on_demand_readers or [])),
         }
-        _write_secret(self.root / "agents" / f"{agent_id}.nk", seed + "\n")
+        _write_secret(self.agent_seed_file(agent_id), seed + "\n")
         self.save()
         return seed, token
 
@@ -192,16 +213,16 @@ class AuthStore:
                 js.format("CONSUMER.DELETE") + ".>",
                 js.format("CONSUMER.MSG.NEXT") + ".>",
                 f"$JS.ACK.{STREAM_NAME}.>",
-                "agents.*.changes",
-                "agents.*.query",
+                CHANGES_SUBJECTS,
+                query_subject("*"),
             ]
             users.append(_user(rep["nkey"], allow_pub, [f"{REPLICATOR_INBOX}.>"], responses=False))
         for agent_id, entry in sorted(self.data["agents"].items()):
             users.append(
                 _user(
                     entry["nkey"],
-                    [f"agents.{agent_id}.changes", "$JS.API.INFO", f"$JS.API.STREAM.INFO.{STREAM_NAME}"],
-                    [f"agents.{agent_id}.query", f"{agent_inbox_prefix(agent_id)}.>"],
+                    [changes_subject(agent_id), "$JS.API.INFO", f"$JS.API.STREAM.INFO.{STREAM_NAME}"],
+                    [query_subject(agent_id), f"{agent_inbox_prefix(agent_id)}.>"],
                     responses=True,
                 )
             )
@@ -217,14 +238,3 @@ def _user(nkey: str, publish: list[str], subscribe: list[str], *, responses: boo
         f'    {{ nkey: "{nkey}", permissions: {{ publish: {{ allow: [{pub}] }}, '
         f"subscribe: {{ allow: [{sub}] }}{extra} }} }}"
     )
-
-
-def load_seed(value: str | None = None, file: str | Path | None = None) -> str | None:
-    """An nkey seed from a value or a file (first non-empty line)."""
-    if value:
-        return value.strip()
-    if file:
-        for line in Path(file).read_text().splitlines():
-            if line.strip():
-                return line.strip()
-    return None

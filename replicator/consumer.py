@@ -1,13 +1,18 @@
 """The durable pull consumer that turns the change stream into central copies.
 
-Per agent, records are applied in sequence order. A batch of fetched messages
-is applied on one thread (SQLite work never blocks the event loop), each
-record in a savepoint inside its agent's transaction; each agent's
-transaction commits once per batch, and only then are its messages acked.
-Duplicates are acked, gaps are nak'ed with a delay (the publisher's
-retransmission or JetStream's redelivery fills them), and anything that
-cannot be decoded or applied is written to the dead-letter store and
+Per agent, records are applied in sequence order: what becomes of each record
+is the sequencer's verdict (replicator/sequencer.py), and this module carries
+it out. A batch of fetched messages is applied on one thread (SQLite work never
+blocks the event loop), each record in a savepoint inside its agent's
+transaction; each agent's transaction commits once per batch, and only then
+are its messages acked. Duplicates are acked, gaps are nak'ed with a delay (the
+publisher's retransmission or JetStream's redelivery fills them), and anything
+that cannot be decoded or applied is written to the dead-letter store and
 terminated, while the consumer carries on.
+
+The apply thread owns the central store's replicas. After each batch (and
+after rolling back an expired multi-part transaction) it publishes what the
+event loop may read: the store's view, the open groups and the parked messages.
 
 A watchdog bounds every `fetch`: nats-py has been seen to stall in fetch
 (nats-py issue #986), and a stalled consumer looks exactly like an idle one.
@@ -17,30 +22,79 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import DeliverPolicy
 
-from agent_client import STREAM_NAME, STREAM_SUBJECTS, ChangeRecord, RecordDecodeError, RelayRecord, decode_record
+from agent_client import (
+    CHANGES_SUBJECTS,
+    STREAM_NAME,
+    Backoff,
+    ChangeRecord,
+    RecordDecodeError,
+    RelayRecord,
+    consumer_config,
+    decode_record,
+    subject_agent,
+)
 
-from .central_store import AgentReplica, CentralStore, Outcome
+from .central_store import AgentReplica, CentralStore
 from .dead_letters import DeadLetterStore
 from .errors import RecordRejected
+from .sequencer import RecordHeader, Verdict, sequence
 
 log = logging.getLogger("replicator.consumer")
 
-ACK, NAK, TERM, HOLD = "ack", "nak", "term", "hold"
-_APPLIED = "applied"  # written in the agent's open transaction: ack once it commits
+
+class _Action(enum.Enum):
+    """What becomes of a delivered message in JetStream."""
+
+    ACK = "ack"
+    NAK = "nak"  # with the consumer's nak delay: redelivered later
+    TERM = "term"  # never redelivered (it is in the dead-letter store)
+    HOLD = "hold"  # kept in progress until its multi-part transaction commits (then ack) or is abandoned (nak)
+
+
+class _Applied(enum.Enum):
+    """How writing an APPLY / NEW_EPOCH record into its agent's open transaction went."""
+
+    WRITTEN = "written"
+    FAILED = "failed"  # unexpected (I/O): rolled back to the savepoint, to be retried
+
+
+class _Commit(enum.Enum):
+    """What became of an agent's transaction at the end of the batch."""
+
+    COMMITTED = "committed"
+    FAILED = "failed"  # rolled back: everything of the agent in it is redelivered
+    OPEN = "open"  # inside a multi-part transaction: its final part has not arrived yet
+
+
+def _nats_action(verdict: Verdict, applied: _Applied | None, commit: _Commit | None) -> _Action:
+    """Carry out the sequencer's verdict on a message, given how applying it and its agent's commit went."""
+    if verdict is Verdict.DEAD_LETTER:
+        return _Action.TERM
+    if verdict in (Verdict.DUPLICATE, Verdict.STALE_EPOCH):
+        return _Action.ACK
+    if verdict in (Verdict.GAP, Verdict.BLOCKED) or applied is not _Applied.WRITTEN:
+        return _Action.NAK
+    if commit is _Commit.COMMITTED:
+        return _Action.ACK
+    if commit is _Commit.OPEN:
+        return _Action.HOLD
+    return _Action.NAK
 
 
 @dataclass
@@ -50,11 +104,19 @@ class _Item:
     stream_seq: int | None
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One message's fate on the apply thread, before its agent's commit."""
+
+    verdict: Verdict
+    agent: str | None
+    applied: _Applied | None = None
+
+
 @dataclass
 class _BatchResult:
-    actions: list[tuple[str, str | None]]  # (action, agent id) per message
+    actions: list[tuple[_Action, str | None]]  # (action, agent id) per message
     committed: list[str] = field(default_factory=list)  # agents whose transaction committed
-    abandoned: list[str] = field(default_factory=list)  # agents whose open multi-part group was rolled back
     failed: list[str] = field(default_factory=list)  # agents whose commit failed (nak everything of theirs)
 
 
@@ -74,13 +136,6 @@ class ConsumerStats:
     last_apply_at: float | None = None
 
 
-def _subject_agent(subject: str) -> str | None:
-    parts = subject.split(".")
-    if len(parts) == 3 and parts[0] == "agents" and parts[2] == "changes":
-        return parts[1]
-    return None
-
-
 class Consumer:
     def __init__(
         self,
@@ -94,7 +149,6 @@ class Consumer:
         fetch_watchdog: float = 10.0,
         nak_delay: float = 0.2,
         group_timeout: float = 20.0,
-        ack_wait: float = 5.0,
         deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
         opt_start_seq: int | None = None,
     ) -> None:
@@ -107,20 +161,14 @@ class Consumer:
         self.fetch_watchdog = fetch_watchdog
         self.nak_delay = nak_delay
         self.group_timeout = group_timeout
-        self.ack_wait = ack_wait
-        self.deliver_policy = deliver_policy
-        self.opt_start_seq = opt_start_seq
+        self.config = consumer_config(durable, deliver_policy=deliver_policy, opt_start_seq=opt_start_seq)
+        self.ack_wait = float(self.config.ack_wait or 0.0)
         self.stats = ConsumerStats()
-        self.blocked: dict[str, str] = {a: r.blocked for a, r in store.replicas.items() if r.blocked}
         self._relay_pruned = time.monotonic()
-        self._parked: dict[str, set[int]] = defaultdict(set)  # stream seqs nak'ed behind a blocked agent's dead letter
         self.running = False
         self.max_stream_seq = 0
         self.last_error: str | None = None
         self.on_batch: Callable[[int], None] | None = None
-        self._applied: dict[str, tuple[str | None, int]] = {
-            a: (r.epoch, r.watermark) for a, r in store.replicas.items()
-        }
         self._applied_changed = asyncio.Condition()
         self._held: dict[str, list[Msg]] = defaultdict(list)
         self._held_touched = 0.0
@@ -128,11 +176,16 @@ class Consumer:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._sub: Any = None
+        # Owned by the apply thread; the event loop reads only the immutable snapshots published after each batch.
+        self._parked: dict[str, set[int]] = defaultdict(set)  # stream seqs nak'ed behind a blocked agent's dead letter
+        self._parked_now: frozenset[int] = frozenset()  # those of agents still blocked (snapshot)
+        self._open_groups: Mapping[str, float] = MappingProxyType({})  # agent -> monotonic start (snapshot)
 
     # ------------------------------------------------------------ public
     def applied(self, agent_id: str) -> tuple[str | None, int]:
         """(epoch, watermark) committed for the agent."""
-        return self._applied.get(agent_id, (None, 0))
+        view = self.store.view.agent(agent_id)
+        return (view.epoch, view.watermark) if view is not None else (None, 0)
 
     async def wait_applied(self, agent_id: str, min_seq: int, timeout: float, epoch: str | None = None) -> bool:
         def ready() -> bool:
@@ -165,35 +218,27 @@ class Consumer:
 
     # ------------------------------------------------------------ loop
     async def _subscribe(self) -> Any:
-        config = ConsumerConfig(
-            durable_name=self.durable,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=self.deliver_policy,
-            opt_start_seq=self.opt_start_seq,
-            ack_wait=self.ack_wait,
-            max_deliver=-1,
-            max_ack_pending=max(20_000, self.batch * 8),
-            filter_subject=STREAM_SUBJECTS[0],
+        return await self.js.pull_subscribe(
+            CHANGES_SUBJECTS, durable=self.durable, stream=STREAM_NAME, config=self.config
         )
-        return await self.js.pull_subscribe(STREAM_SUBJECTS[0], durable=self.durable, stream=STREAM_NAME, config=config)
 
     async def run(self, *, until_idle: bool = False) -> None:
         """Consume until stopped (or, with until_idle, until nothing is pending or unacked)."""
         self.running = True
-        backoff = 0.2
+        backoff = Backoff(0.2, 5.0)
         try:
             while not self._stopping:
                 try:
                     if self._sub is None:
                         self._sub = await self._subscribe()
                     msgs = await self._fetch()
-                    backoff = 0.2
+                    backoff.reset()
                 except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
                     self.last_error = f"{type(exc).__name__}: {exc}"
-                    log.warning("consumer: %s; retrying in %.1fs", self.last_error, backoff)
+                    delay = backoff.next()
+                    log.warning("consumer: %s; retrying in %.1fs", self.last_error, delay)
                     self._sub = None
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    await asyncio.sleep(delay)
                     continue
                 await self._touch_held()
                 await self._expire_open_groups()  # also under load: other agents' traffic must not hide it
@@ -209,14 +254,13 @@ class Consumer:
             self.running = False
 
     def _all_parked(self, msgs: list[Msg]) -> bool:
-        parked = {seq for agent, seqs in self._parked.items() if agent in self.blocked for seq in seqs}
+        parked = self._parked_now
         return all(m.reply and m.metadata.sequence.stream in parked for m in msgs)
 
     async def _idle(self) -> bool:
         info = await self._sub.consumer_info()
         # Records waiting behind a dead letter stay unacked for good: they must not keep a rebuild from finishing.
-        parked = sum(len(seqs) for agent, seqs in self._parked.items() if agent in self.blocked)
-        return bool(info.num_pending == 0 and info.num_ack_pending <= parked and not self._held)
+        return bool(info.num_pending == 0 and info.num_ack_pending <= len(self._parked_now) and not self._held)
 
     async def _fetch(self) -> list[Msg]:
         try:
@@ -247,24 +291,21 @@ class Consumer:
         self.stats.last_apply_at = time.time()
         self.max_stream_seq = max([self.max_stream_seq, *(i.stream_seq or 0 for i in items)])
         if result.committed:  # readers waiting for min_seq may go as soon as the data is committed
-            for committed in result.committed:
-                rep = self.store.replicas[committed]
-                self._applied[committed] = (rep.epoch, rep.watermark)
             async with self._applied_changed:
                 self._applied_changed.notify_all()
         acks: list[Any] = []
         for msg, (action, agent) in zip(msgs, result.actions, strict=True):
-            if action == ACK:
+            if action is _Action.ACK:
                 acks.append(msg.ack())
-            elif action == NAK:
+            elif action is _Action.NAK:
                 acks.append(msg.nak(delay=self.nak_delay))
-            elif action == TERM:
+            elif action is _Action.TERM:
                 acks.append(msg.term())
-            elif action == HOLD and agent is not None:
+            elif action is _Action.HOLD and agent is not None:
                 self._held[agent].append(msg)
         for agent in result.committed:
             acks.extend(m.ack() for m in self._held.pop(agent, []))
-        for agent in result.abandoned + result.failed:
+        for agent in result.failed:
             acks.extend(m.nak(delay=self.nak_delay) for m in self._held.pop(agent, []))
         for coro in acks:
             try:
@@ -301,126 +342,145 @@ class Consumer:
 
     async def _expire_open_groups(self) -> None:
         now = time.monotonic()
-        stale = [
-            a for a, r in self.store.replicas.items() if r.open_group and now - r.group_started > self.group_timeout
-        ]
-        if stale:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._rollback, stale)
-            for agent in stale:
-                log.warning(
-                    "agent %s: multi-part transaction incomplete after %.0fs; retrying", agent, self.group_timeout
-                )
-                for m in self._held.pop(agent, []):
-                    with contextlib.suppress(Exception):
-                        await m.nak(delay=self.nak_delay)
+        stale = [a for a, started in self._open_groups.items() if now - started > self.group_timeout]
+        if not stale:
+            return
+        rolled_back = await asyncio.get_running_loop().run_in_executor(self._executor, self._rollback, stale)
+        for agent in rolled_back:
+            log.warning("agent %s: multi-part transaction incomplete after %.0fs; retrying", agent, self.group_timeout)
+            for m in self._held.pop(agent, []):
+                with contextlib.suppress(Exception):
+                    await m.nak(delay=self.nak_delay)
 
     async def _abandon_open_groups(self) -> None:
-        open_agents = [a for a, r in self.store.replicas.items() if r.in_txn]
-        if open_agents:
-            self._rollback(open_agents)
-        for agent in open_agents:
+        rolled_back = await asyncio.get_running_loop().run_in_executor(self._executor, self._rollback, None)
+        for agent in rolled_back:
             for m in self._held.pop(agent, []):
                 with contextlib.suppress(Exception):
                     await m.nak()
 
-    def _rollback(self, agents: list[str]) -> None:
-        for agent in agents:
-            self.store.replicas[agent].rollback()
-
     # ------------------------------------------------------------ apply thread
+    def _rollback(self, agents: list[str] | None) -> list[str]:
+        """Roll back the open transactions of `agents` (None: of every agent); the agents rolled back."""
+        if agents is None:
+            agents = [a for a, rep in self.store.replicas.items() if rep.in_txn]
+        done: list[str] = []
+        for agent in agents:
+            rep = self.store.replicas.get(agent)
+            if rep is not None and rep.in_txn:
+                rep.rollback()
+                done.append(agent)
+        self._publish(done, done)
+        return done
+
+    def _publish(self, seen: Iterable[str], touched: Iterable[str]) -> None:
+        """Publish what the event loop may read: the store view, open groups, parked messages."""
+        self.store.publish_view(seen)
+        groups = dict(self._open_groups)
+        for agent in touched:
+            rep = self.store.replicas.get(agent)
+            if rep is not None and rep.in_txn and rep.state.open_group:
+                groups[agent] = rep.state.group_started
+            else:
+                groups.pop(agent, None)
+        self._open_groups = MappingProxyType(groups)
+        self._parked_now = frozenset(
+            seq
+            for agent, seqs in self._parked.items()
+            if (rep := self.store.replicas.get(agent)) is not None and rep.state.blocked is not None
+            for seq in seqs
+        )
+
     def _process_batch(self, items: list[_Item]) -> _BatchResult:
-        actions: list[tuple[str, str | None]] = []
-        touched: dict[str, AgentReplica] = {}
-        for item in items:
-            actions.append(self._process_one(item, touched))
-        result = _BatchResult(actions)
+        touched: dict[str, AgentReplica] = {}  # agents whose transaction this batch wrote into
+        seen: set[str] = set()  # agents with any record in this batch
+        steps = [self._process_one(item, touched, seen) for item in items]
+        commits: dict[str, _Commit] = {}
         for agent, rep in touched.items():
-            if rep.in_txn and not rep.open_group:
+            if not rep.in_txn:
+                commits[agent] = _Commit.COMMITTED
+            elif rep.state.open_group:
+                commits[agent] = _Commit.OPEN  # inside a multi-part transaction still open
+            else:
                 try:
                     rep.commit()
-                    result.committed.append(agent)
+                    commits[agent] = _Commit.COMMITTED
                 except Exception as exc:  # disk full, I/O error: nothing of this batch is lost, it is redelivered
                     self.stats.commit_failures += 1
                     self.last_error = f"commit for {agent} failed: {exc}"
                     log.error("%s", self.last_error)
                     rep.rollback()
-                    result.failed.append(agent)
-            elif not rep.in_txn:
-                result.committed.append(agent)
-        done = set(result.committed)
-        for i, (action, owner) in enumerate(actions):
-            if action == _APPLIED:
-                if owner in done:
-                    actions[i] = (ACK, owner)
-                elif owner in result.failed:
-                    actions[i] = (NAK, owner)
-                else:
-                    actions[i] = (HOLD, owner)  # inside a multi-part transaction still open
-        self.store.publish_view()  # readers on the event loop see this batch's commits from now on
+                    commits[agent] = _Commit.FAILED
+        result = _BatchResult(
+            [(_nats_action(s.verdict, s.applied, commits.get(s.agent) if s.agent else None), s.agent) for s in steps],
+            committed=[a for a, c in commits.items() if c is _Commit.COMMITTED],
+            failed=[a for a, c in commits.items() if c is _Commit.FAILED],
+        )
+        self._publish(seen, touched)  # readers on the event loop see this batch's commits from now on
         return result
 
-    def _dead(self, item: _Item, agent: str | None, reason: str) -> tuple[str, str | None]:
+    def _dead(self, item: _Item, agent: str | None, reason: str) -> _Step:
         self.dead_letters.add(
             agent_id=agent, subject=item.subject, stream_seq=item.stream_seq, reason=reason, payload=item.data
         )
         self.stats.dead_letters += 1
         log.warning("dead letter (agent %s, stream seq %s): %s", agent, item.stream_seq, reason)
-        return TERM, agent
+        return _Step(Verdict.DEAD_LETTER, agent)
 
-    def _process_one(self, item: _Item, touched: dict[str, AgentReplica]) -> tuple[str, str | None]:
-        subject_agent = _subject_agent(item.subject)
-        if subject_agent is None:
+    def _process_one(self, item: _Item, touched: dict[str, AgentReplica], seen: set[str]) -> _Step:
+        owner = subject_agent(item.subject)
+        if owner is None:
             return self._dead(item, None, f"unexpected subject {item.subject!r}")
         try:
             rec = decode_record(item.data)
         except RecordDecodeError as exc:
-            return self._dead(item, subject_agent, str(exc))
-        if rec.agent_id != subject_agent:
-            return self._dead(
-                item, subject_agent, f"record says agent {rec.agent_id!r} but was published on {item.subject!r}"
-            )
+            return self._dead(item, owner, str(exc))
+        header = RecordHeader.of(owner, rec)
+        verdict = sequence(self.store.position(owner), header)
+        if verdict is Verdict.DEAD_LETTER:
+            return self._dead(item, owner, f"record says agent {rec.agent_id!r} but was published on {item.subject!r}")
         try:
-            rep = self.store.replica(rec.agent_id)
+            rep = self.store.replica(owner)
         except RecordRejected as exc:
-            return self._dead(item, subject_agent, str(exc))
-        if isinstance(rec, ChangeRecord):
-            outcome = rep.classify(rec)
-            if outcome is Outcome.DUPLICATE:
-                self.stats.duplicates += 1
-                return ACK, rec.agent_id
-            if outcome is Outcome.STALE:
-                self.stats.stale += 1
-                return ACK, rec.agent_id
-            if outcome is Outcome.GAP:
-                self.stats.gaps += 1
-                if rec.agent_id in self.blocked and item.stream_seq is not None:
-                    self._parked[rec.agent_id].add(item.stream_seq)
-                return NAK, rec.agent_id
+            return self._dead(item, owner, str(exc))
+        seen.add(owner)
+        rep.observe(header, verdict)
+        if verdict is Verdict.DUPLICATE:
+            self.stats.duplicates += 1
+            return _Step(verdict, owner)
+        if verdict is Verdict.STALE_EPOCH:
+            self.stats.stale += 1
+            return _Step(verdict, owner)
+        if verdict in (Verdict.GAP, Verdict.BLOCKED):
+            self.stats.gaps += 1
+            if verdict is Verdict.BLOCKED and item.stream_seq is not None:
+                self._parked[owner].add(item.stream_seq)
+            return _Step(verdict, owner)
         rep.begin()
-        touched[rep.agent_id] = rep
-        saved = rep.snapshot_state()
-        rep.savepoint()
+        touched[owner] = rep
         try:
-            outcome = rep.apply_relay(rec, item.stream_seq) if isinstance(rec, RelayRecord) else rep.apply_changes(rec)
-            rep.release()
-            if outcome is Outcome.DUPLICATE:
-                self.stats.duplicates += 1
-                return _APPLIED, rep.agent_id
+            with rep.record_savepoint():
+                if isinstance(rec, RelayRecord):
+                    written = rep.apply_relay(rec, item.stream_seq)
+                else:
+                    rep.apply_changes(rec)
+                    written = True
         except RecordRejected as exc:
-            rep.rollback_savepoint(saved)
             if isinstance(rec, ChangeRecord):
-                self.blocked[rep.agent_id] = (
+                # Survives a restart (stored with the batch's commit); later changes wait behind it.
+                rep.set_blocked(
                     f"changes {rec.first_seq}-{rec.last_seq} dead-lettered ({exc}); later changes wait behind them"
                 )
-                rep.set_blocked(self.blocked[rep.agent_id])  # survives a restart (committed with the batch)
-            return self._dead(item, rep.agent_id, str(exc))
+            return self._dead(item, owner, str(exc))
         except Exception as exc:  # unexpected (I/O): roll back and retry later rather than lose it
-            rep.rollback_savepoint(saved)
-            self.last_error = f"apply failed for {rep.agent_id}: {exc!r}"
+            self.last_error = f"apply failed for {owner}: {exc!r}"
             log.error("%s", self.last_error)
-            return NAK, rep.agent_id
+            return _Step(verdict, owner, _Applied.FAILED)
+        if not written:
+            self.stats.duplicates += 1  # a relay record applied before whose ack was lost
+            return _Step(verdict, owner, _Applied.WRITTEN)
         self.stats.applied += 1
-        if isinstance(rec, ChangeRecord) and self.blocked.pop(rep.agent_id, None) is not None:
+        if isinstance(rec, ChangeRecord) and rep.state.blocked is not None:
             rep.set_blocked(None)  # the sequence moved on (e.g. a new epoch): no longer blocked
-            self._parked.pop(rep.agent_id, None)
-        return _APPLIED, rep.agent_id
+            self._parked.pop(owner, None)
+        return _Step(verdict, owner, _Applied.WRITTEN)

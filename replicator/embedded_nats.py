@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from agent_client import Backoff
+
 from .errors import EmbeddedNatsFailed
 
 log = logging.getLogger("replicator.nats")
@@ -158,21 +160,21 @@ class EmbeddedNats:
         raise EmbeddedNatsFailed(f"embedded nats-server did not start on {self.url}:\n{tail}")
 
     async def _supervise(self) -> None:
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         while not self._stopping:
             assert self._proc is not None
             code = await self._proc.wait()
             if self._stopping:
                 return
             self.restarts += 1
+            delay = backoff.next()
             log.warning("embedded nats-server exited with %s; restarting in %.1fs", code, delay)
             await asyncio.sleep(delay)
             try:
                 await self._spawn()
-                delay = 0.5
+                backoff.reset()
             except EmbeddedNatsFailed as exc:
                 log.error("%s", exc)
-                delay = min(delay * 2, 10.0)
 
     async def stop(self) -> None:
         self._stopping = True

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    """The relay API's JSON error shape: `{"error": code, "message": text, ...}`."""
+    return {"error": code, "message": message, **extra}
+
 
 class ReplicatorError(Exception):
     """Base class; `code` is the stable machine-readable error code the relay API returns."""
 
     code = "replicator_error"
     status = 500
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.code, str(self))
 
 
 class BadRequest(ReplicatorError):
@@ -88,12 +98,6 @@ class TableOwnedByAgent(ReplicatorError):
 
     code = "table_owned_by_agent"
     status = 409
-
-
-class AuthNotConfigured(ReplicatorError):
-    """Authentication is on but `replicator auth` has not made the credentials it needs."""
-
-    code = "auth_not_configured"
 
 
 class StreamMisconfigured(ReplicatorError):

@@ -26,6 +26,7 @@ from agent_client import QueryError, is_valid_agent_id, query_subject, run_read_
 from .central_store import CentralStore
 from .consumer import Consumer
 from .errors import AgentOffline, BadRequest, Forbidden, InvalidAgent, NotYetReplicated, ReplicatorError
+from .store_view import StoreView
 
 MAX_ATTACHED = 9  # SQLite's default limit is 10 attached databases
 
@@ -218,8 +219,9 @@ class QueryEngine:
                     f"agent {agent_id} is applied up to {have}, not yet {min_seq}, after {timeout_ms} ms"
                 )
         schemas, refs = table_references(sql)
-        known = set(self.store.replicas)
-        forward_to = self._on_demand_owner(agent_id, refs, known)
+        view = self.store.view  # one consistent snapshot for this query (the apply thread owns the replicas)
+        known = set(view.agents)
+        forward_to = self._on_demand_owner(view, agent_id, refs)
         if forward_to is not None:
             if self.may_read_on_demand is not None and not self.may_read_on_demand(agent_id, forward_to):
                 raise Forbidden(f"agent {forward_to} does not share its on_demand tables with {agent_id}")
@@ -241,13 +243,13 @@ class QueryEngine:
         applied = self.consumer.applied(agent_id)[1] if self.consumer else None
         return {"columns": columns, "rows": rows, "truncated": truncated, "applied_seq": applied}
 
-    def _on_demand_owner(self, agent_id: str, refs: set[tuple[str | None, str]], known: set[str]) -> str | None:
+    @staticmethod
+    def _on_demand_owner(view: StoreView, agent_id: str, refs: set[tuple[str | None, str]]) -> str | None:
         owners: set[str] = set()
         plain = 0
         for schema, name in refs:
             owner = agent_id if schema is None else schema
-            rep = self.store.replicas.get(owner) if owner in known else None
-            meta = rep.tables.get(name) if rep else None
+            meta = view.table(owner, name)
             if meta is not None and meta.visibility == "on_demand":
                 owners.add(owner)
             else:

@@ -1,9 +1,11 @@
 """ReplicatorService: the HTPC's parts wired together, started and stopped in order.
 
 Start: embedded nats-server (unless an external URL is given), the NATS
-connection, the stream, the central store, the consumer, the query engine.
-Stop: the consumer finishes the batch in hand (commit, then ack), then the
-connection drains, then the embedded server stops.
+connection, the stream (`start_nats`), the central store and the dead-letter
+store (`open_store`), the consumer, the query engine. `replicator rebuild`
+uses the same wiring with its own consumer (`start_nats`, `open_store`,
+`new_consumer`). Stop: the consumer finishes the batch in hand (commit, then
+ack), then the connection drains, then the embedded server stops.
 """
 
 from __future__ import annotations
@@ -20,16 +22,16 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from agent_client import STREAM_NAME, ensure_stream, reconnecting_options
+from agent_client import REPLICATOR_INBOX, STREAM_NAME, Backoff, ensure_stream, read_seed, reconnecting_options
 
-from .auth import REPLICATOR_INBOX, AuthStore, load_seed
+from .auth import AuthStore
 from .central_store import CentralStore
 from .consumer import Consumer
-from .data_dir import DataDir
 from .dead_letters import DeadLetterStore
 from .embedded_nats import EmbeddedNats
 from .errors import NatsUnavailable, StreamMisconfigured
 from .query_engine import QueryEngine
+from .relay_writer import RelayWriter
 from .settings import Settings
 
 log = logging.getLogger("replicator")
@@ -40,7 +42,7 @@ async def connect_nats(
 ) -> NATS:
     """Connect (retrying until `connect_timeout_s`), then let nats-py reconnect forever."""
     deadline = time.monotonic() + connect_timeout_s
-    delay = 0.2
+    backoff = Backoff(0.2, 2.0)
     last: Exception | None = None
 
     async def _quiet(exc: Exception) -> None:
@@ -55,14 +57,14 @@ async def connect_nats(
             )
         except Exception as exc:  # nats raises several unrelated types for "not reachable"
             last = exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-    raise NatsUnavailable(f"cannot connect to NATS at {url}: {last!r}")
+            await asyncio.sleep(backoff.next())
+    raise NatsUnavailable(f"cannot connect to NATS at {url}: {last!r}") from last
 
 
 class ReplicatorService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.data = settings.data
         self.embedded: EmbeddedNats | None = None
         self.nats_url: str = settings.nats_url or ""
         self.nc: NATS | None = None
@@ -71,40 +73,51 @@ class ReplicatorService:
         self.dead_letters: DeadLetterStore | None = None
         self.consumer: Consumer | None = None
         self.query_engine: QueryEngine | None = None
-        self.started_at = time.time()
-        self.relay_published = 0
         self.auth: AuthStore | None = None
         self.stream_replicas: int | None = None
+        self.relay_writer = RelayWriter(
+            lambda: self.store.view if self.store is not None else None, lambda: (self.nc, self.js)
+        )
         self._auth_watch: asyncio.Task[None] | None = None
+
+    @property
+    def nats_connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    @property
+    def consumer_running(self) -> bool:
+        return self.consumer is not None and self.consumer.running
 
     def _nats_options(self) -> dict[str, Any]:
         s = self.settings
         options: dict[str, Any] = {}
         if self.auth is not None or s.nats_seed_file:
             seed_file = s.nats_seed_file or (self.auth.replicator_seed_file() if self.auth else None)
-            options["nkeys_seed_str"] = load_seed(file=seed_file)
+            options["nkeys_seed_str"] = read_seed(file=seed_file)
             options["inbox_prefix"] = REPLICATOR_INBOX
         if s.nats_tls_ca or s.nats_tls_cert:
             ctx = ssl.create_default_context(cafile=str(s.nats_tls_ca or s.nats_tls_cert))
             options["tls"] = ctx
         return options
 
-    async def start(self) -> None:
+    def _open_auth(self) -> None:
         s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
-        if s.auth_enabled:
-            self.auth = AuthStore(s.data_dir / "auth")
-            if not self.auth.initialized:
-                seed_file = self.auth.init()
-                log.warning(
-                    "auth is on: created the replicator's NATS key (%s); add agents with "
-                    "`replicator auth add-agent ID --data-dir %s`",
-                    seed_file,
-                    s.data_dir,
-                )
+        self.auth = AuthStore(self.data.auth)
+        if not self.auth.initialized:
+            seed_file = self.auth.init()
+            log.warning(
+                "auth is on: created the replicator's NATS key (%s); add agents with "
+                "`replicator auth add-agent ID --data-dir %s`",
+                seed_file,
+                s.data_dir,
+            )
+
+    async def start_nats(self, *, name: str) -> JetStreamContext:
+        """The NATS side only: the embedded server (without --nats-url), the connection, the stream."""
+        s = self.settings
         if not s.nats_url:
             self.embedded = EmbeddedNats(
-                s.data_dir / "nats",
+                self.data.nats,
                 host=s.nats_host,
                 port=s.nats_port,
                 authorization=self.auth.nats_authorization_conf() if self.auth else None,
@@ -113,26 +126,43 @@ class ReplicatorService:
             )
             await self.embedded.start()
             self.nats_url = self.embedded.url
-        self.nc = await connect_nats(self.nats_url, name=f"replicator:{s.durable}", options=self._nats_options())
+        self.nc = await connect_nats(self.nats_url, name=name, options=self._nats_options())
         self.js = self.nc.jetstream()
         await ensure_stream(self.js, replicas=s.stream_replicas)
+        return self.js
+
+    def open_store(self) -> tuple[CentralStore, DeadLetterStore]:
+        """The central store and the dead-letter store of the data directory."""
+        self.store = CentralStore(self.data)
+        self.dead_letters = DeadLetterStore(self.data.dead_letters_db)
+        return self.store, self.dead_letters
+
+    def new_consumer(self, durable: str, **options: Any) -> Consumer:
+        """A consumer applying the stream to the open store (`options`: Consumer's keyword arguments)."""
+        assert self.js is not None and self.store is not None and self.dead_letters is not None
+        return Consumer(self.js, self.store, self.dead_letters, durable=durable, **options)
+
+    async def start(self) -> None:
+        s = self.settings
+        self.data.root.mkdir(parents=True, exist_ok=True)
+        if s.auth_enabled:
+            self._open_auth()
+        await self.start_nats(name=f"replicator:{s.durable}")
         self.stream_replicas = await self._check_replicas()
         if self.auth is not None:
             self._auth_watch = asyncio.create_task(self._watch_auth(), name="auth-reload")
-        self.store = CentralStore(DataDir(s.data_dir))
-        self.dead_letters = DeadLetterStore(s.data_dir / "dead_letters.db")
-        self.consumer = Consumer(self.js, self.store, self.dead_letters, durable=s.durable)
+        store, _dead_letters = self.open_store()
+        self.consumer = self.new_consumer(s.durable)
         self.consumer.start()
         self.query_engine = QueryEngine(
-            self.store,
+            store,
             self.consumer,
             lambda: self.nc,
             max_rows=s.query_max_rows,
             default_timeout_ms=s.query_timeout_ms,
         )
         if self.auth is not None:
-            auth = self.auth
-            self.query_engine.may_read_on_demand = auth.may_read_on_demand
+            self.query_engine.may_read_on_demand = self.auth.may_read_on_demand
         log.info("replicator started: data %s, NATS %s", s.data_dir, self.nats_url)
 
     async def _check_replicas(self) -> int:
@@ -149,7 +179,7 @@ class ReplicatorService:
             except nats.js.errors.Error as exc:
                 raise StreamMisconfigured(
                     f"stream {STREAM_NAME} has {have} replica(s) and could not be raised to {want}: {exc}"
-                ) from None
+                ) from exc
             log.warning("stream %s raised from %d to %d replicas", STREAM_NAME, have, want)
             have = info.config.num_replicas or want
         return have
@@ -174,10 +204,19 @@ class ReplicatorService:
         return self.nats_url
 
     async def server_version(self) -> str | None:
+        """The connected nats-server's version ("2.10.22"), None while disconnected or unknown."""
         if self.nc is None or not self.nc.is_connected:
             return None
-        info: dict[str, Any] = getattr(self.nc, "_server_info", {}) or {}
-        return info.get("version")
+        version = self.nc.connected_server_version
+        try:
+            text = f"{version.major}.{version.minor}.{version.patch}"
+            if version.prerelease:
+                text += f"-{version.prerelease}"
+            if version.build:
+                text += f"+{version.build}"
+        except ValueError:  # not a semantic version: nats-py reports it but cannot parse it
+            return None
+        return None if text == "0.0.0-unknown" else text
 
     async def stop(self) -> None:
         if self._auth_watch is not None:

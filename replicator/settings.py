@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from .data_dir import DataDir
+
 
 def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"REPLICATOR_{name}", default)
@@ -34,6 +36,11 @@ class Settings(BaseModel):
     nats_tls_cert: Path | None = None  # embedded nats-server TLS
     nats_tls_key: Path | None = None
     nats_tls_ca: Path | None = None  # CA that signed the NATS server certificate (client side)
+
+    @property
+    def data(self) -> DataDir:
+        """The data directory's layout (every path the HTPC keeps)."""
+        return DataDir(self.data_dir)
 
     @property
     def auth_enabled(self) -> bool:

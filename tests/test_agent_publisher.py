@@ -113,7 +113,7 @@ async def test_restarted_publisher_resends_with_the_same_ids(nats_server: NatsSe
         assert st.epoch == epoch
         assert (await st.health_check())["backlog"]["changes"] == last  # everything looks unpublished again
         await st.flush(timeout=20)
-        republished = st._publisher.records_published if st._publisher else 0
+        republished = st.records_published
     assert republished == len(first), "the restarted publisher did not resend the same records"
     assert await stream_message_count(nats_server.url) == count, "a resent record was stored twice"
     again = await read_agent_stream(nats_server.url, AGENT)

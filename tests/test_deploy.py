@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from replicator.cli import _settings, build_parser
+from replicator.cli import build_parser, settings_from_args
 from replicator.settings import Settings
 from tests.support.nats_cluster import CLUSTER_CONFIGS, SETTINGS_KEYS, NatsCluster, read_settings
 from tests.support.nats_server import nats_server_binary
@@ -122,7 +122,7 @@ def serve_settings(argv: list[str], env: dict[str, str], monkeypatch: pytest.Mon
         monkeypatch.setenv(name, value)
     args = build_parser().parse_args(argv)  # defaults are read from the environment when the parser is built
     assert args.command == "serve"
-    return _settings(args)
+    return settings_from_args(args)
 
 
 def assert_cluster_url(url: str, hosts: list[str], port: int) -> None:

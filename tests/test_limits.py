@@ -63,7 +63,8 @@ async def test_full_disk_fails_clearly_and_recovers(tmp_path: Path, nats_server:
             await st.set_visibility("docs", "always")
             if not mounted:  # stand-in: cap the database file instead of the filesystem
                 pages = int((await st.query_local("PRAGMA page_count"))[0]["page_count"]) + 40
-                await st._store.run(lambda c: c.execute(f"PRAGMA max_page_count = {pages}"))
+                async with st.transaction() as tx:  # a connection setting: the writer's connection
+                    await tx.execute(f"PRAGMA max_page_count = {pages}")
             body = "x" * 4000
             written = 0
             with pytest.raises(StorageFull):
@@ -82,7 +83,8 @@ async def test_full_disk_fails_clearly_and_recovers(tmp_path: Path, nats_server:
             if mounted:
                 subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
             else:
-                await st._store.run(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+                async with st.transaction() as tx:
+                    await tx.execute("PRAGMA max_page_count = 1073741823")
             await st.write_data("docs", {"id": 99_999, "body": "after"})
             await st.flush(timeout=30)
             assert _count(st.db_path) == written + 1

@@ -15,8 +15,8 @@ import nats.errors
 import nats.js.errors
 import pytest
 
-from agent_client import STREAM_NAME, AgentStorage, Migration, ensure_stream
-from replicator.auth import REPLICATOR_INBOX, AuthStore, agent_inbox_prefix
+from agent_client import REPLICATOR_INBOX, STREAM_NAME, AgentStorage, Migration, agent_inbox_prefix, ensure_stream
+from replicator.auth import AuthStore
 from tests.support.nats_server import NatsServer, start_nats_server
 
 

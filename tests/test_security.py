@@ -97,8 +97,8 @@ def test_missing_or_wrong_token_gets_401(secured: Secured, header: str | None) -
             resp = c.request(method, path, json=body)
             assert resp.status_code == 401, (path, resp.text)
             assert resp.json()["error"] == "unauthorized"
-        assert c.get("/health").status_code == 200  # liveness and discovery stay open
-        assert c.get("/relay/info").status_code == 200
+        for path in ("/health", "/ready", "/relay/info", "/docs", "/openapi.json"):  # liveness and discovery stay open
+            assert c.get(path).status_code == 200, path
 
 
 def test_token_outside_its_scope_gets_403(secured: Secured) -> None:

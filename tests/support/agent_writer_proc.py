@@ -41,7 +41,6 @@ async def write(st: AgentStorage, seed: int) -> None:
     await st.migrate(MIGRATIONS)
     await st.set_visibility("notes", "always")
     await st.set_visibility("counters", "always")
-    publisher = st._publisher
     for n in range(MAX_OPS):
         kind = n % 5
         if kind == 0:
@@ -64,7 +63,7 @@ async def write(st: AgentStorage, seed: int) -> None:
         emit(
             n=n,
             committed=await st.last_committed_seq(),
-            acked=publisher.acked_seq if publisher else 0,
+            acked=st.acked_seq or 0,
             epoch=st.epoch,
         )
         await asyncio.sleep(0.001 if rng.random() < 0.5 else 0)

@@ -1,0 +1,179 @@
+"""Writing rows given as dicts: `write_data` and `batch_write` on the writer's thread.
+
+Only the given columns are written (an upsert on the primary key); a missing
+single-column key is generated (SQLite assigns an INTEGER PRIMARY KEY, any
+other key gets a uuid4 hex string). Python values become SQLite values here:
+bools become 0/1, lists/dicts/tuples JSON text, and an integer outside 64 bits
+is refused.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from . import catalog
+from .change_record import INT64_MAX, INT64_MIN
+from .errors import InvalidRow, LocalDatabaseError, UnknownTable
+from .identifiers import quote_identifier
+from .statements import upsert_sql
+
+#: What write_data returns: the row's primary key (a value, or a tuple for a composite key).
+RowId = Any
+
+
+def _to_sqlite(table: str, column: str, value: Any) -> Any:
+    """Python value -> SQLite value for write_data; lists and dicts become JSON text."""
+    if value is None or isinstance(value, str | float | bytes):
+        return value
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise InvalidRow(f"{table}.{column}: integer {value} does not fit in 64 bits")
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, list | dict | tuple):
+        try:
+            return orjson.dumps(value).decode()
+        except TypeError as exc:
+            raise InvalidRow(f"{table}.{column}: value is not JSON-serialisable: {exc}") from None
+    raise InvalidRow(f"{table}.{column}: unsupported value type {type(value).__name__}")
+
+
+class RowWriter:
+    """Upserts rows on one connection, caching table descriptions and statements until the schema changes.
+
+    Every method runs on the connection's thread, inside the caller's transaction.
+    """
+
+    def __init__(self) -> None:
+        self._version = -1
+        self._tables: dict[str, catalog.TableInfo] = {}
+        self._statements: dict[tuple[str, tuple[str, ...]], str] = {}
+
+    def upsert_one(self, conn: sqlite3.Connection, table: str, data: Mapping[str, Any]) -> RowId:
+        """Upsert one row of `table`; returns its primary key."""
+        self._refresh(conn)
+        return self._upsert(conn, table, data)
+
+    def upsert_many(self, conn: sqlite3.Connection, items: Sequence[tuple[str, Mapping[str, Any]]]) -> list[RowId]:
+        """A batch; consecutive rows of one table with the same columns share one executemany."""
+        self._refresh(conn)
+        out: list[RowId] = []
+        i, n = 0, len(items)
+        while i < n:
+            table, data = items[i]
+            j = i + 1
+            if isinstance(data, Mapping) and data:
+                keys = tuple(data)
+                while (
+                    j < n and items[j][0] == table and isinstance(items[j][1], Mapping) and tuple(items[j][1]) == keys
+                ):
+                    j += 1
+            if j - i > 1:
+                out.extend(self._upsert_run(conn, table, keys, [d for _t, d in items[i:j]]))
+            else:
+                out.append(self._upsert(conn, table, data))
+            i = j
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _refresh(self, conn: sqlite3.Connection) -> None:
+        version = int(conn.execute("PRAGMA schema_version").fetchone()[0])
+        if version != self._version:
+            self._tables.clear()
+            self._statements.clear()
+            self._version = version
+
+    def _info(self, conn: sqlite3.Connection, table: str) -> catalog.TableInfo:
+        info = self._tables.get(table)
+        if info is None:
+            if not isinstance(table, str):
+                raise UnknownTable(f"table name must be a string, got {type(table).__name__}")
+            info = catalog.table_info(conn, table)
+            self._tables[table] = info
+        return info
+
+    def _upsert_sql(self, info: catalog.TableInfo, cols: tuple[str, ...]) -> str:
+        key = (info.name, cols)
+        sql = self._statements.get(key)
+        if sql is None:
+            sql = self._statements[key] = upsert_sql(info.name, cols, info.pk)
+        return sql
+
+    def _upsert(self, conn: sqlite3.Connection, table: str, data: Mapping[str, Any]) -> RowId:
+        if not isinstance(data, Mapping):
+            raise InvalidRow(f"data for {table!r} must be a dict of column -> value")
+        info = self._info(conn, table)
+        row = dict(data)
+        for k in row:
+            if k not in info.columns:
+                unknown = [c for c in row if c not in info.columns]
+                raise InvalidRow(f"{table} has no column(s) {', '.join(map(repr, unknown))}")
+        if len(info.pk) == 1 and info.pk[0] not in row:
+            if not info.integer_pk:
+                row[info.pk[0]] = uuid.uuid4().hex
+        else:
+            missing = [c for c in info.pk if c not in row]
+            if missing:
+                raise InvalidRow(f"{table}: primary key column(s) {', '.join(missing)} missing")
+        if not row:
+            raise InvalidRow(f"no values given for {table!r}")
+        cols = tuple(row)
+        values = [_to_sqlite(table, c, row[c]) for c in cols]
+        cur = conn.execute(self._upsert_sql(info, cols), values)
+        if len(info.pk) == 1:
+            return row.get(info.pk[0], cur.lastrowid)
+        if not info.pk:
+            return cur.lastrowid
+        return tuple(row[c] for c in info.pk)
+
+    def _upsert_run(
+        self, conn: sqlite3.Connection, table: str, keys: tuple[str, ...], rows: list[Mapping[str, Any]]
+    ) -> list[RowId]:
+        """Rows of one table with the same columns: checked once, written with one executemany."""
+        info = self._info(conn, table)
+        unknown = [k for k in keys if k not in info.columns]
+        if unknown:
+            raise InvalidRow(f"{table} has no column(s) {', '.join(map(repr, unknown))}")
+        cols = keys
+        generated: list[str] = []
+        auto_ids = False
+        if len(info.pk) == 1 and info.pk[0] not in keys:
+            if info.integer_pk:
+                auto_ids = True
+            else:
+                generated = [uuid.uuid4().hex for _ in rows]
+                cols = (*keys, info.pk[0])
+        else:
+            missing = [c for c in info.pk if c not in keys]
+            if missing:
+                raise InvalidRow(f"{table}: primary key column(s) {', '.join(missing)} missing")
+        values = [[_to_sqlite(table, c, row[c]) for c in keys] for row in rows]
+        for row_values, key in zip(values, generated, strict=False):
+            row_values.append(key)
+        sql = self._upsert_sql(info, cols)
+        if not auto_ids:
+            conn.executemany(sql, values)
+            if generated:
+                return list(generated)
+            if len(info.pk) == 1:
+                return [row[info.pk[0]] for row in rows]
+            return [tuple(row[c] for c in info.pk) for row in rows]
+        # SQLite assigns the keys: every new rowid is above the largest one before the insert, and this
+        # transaction is the only writer, so the new rows are exactly those above it.
+        q = quote_identifier
+        before = conn.execute(f"SELECT max(rowid) FROM {q(table)}").fetchone()[0] or 0
+        conn.executemany(sql, values)
+        new_ids = [
+            r[0] for r in conn.execute(f"SELECT rowid FROM {q(table)} WHERE rowid > ? ORDER BY rowid", (before,))
+        ]
+        if len(new_ids) != len(rows):
+            raise LocalDatabaseError(f"cannot tell the keys SQLite gave {len(rows)} new rows of {table}")
+        return new_ids

@@ -1,0 +1,119 @@
+"""The layout of an agent's central copy: its replication tables and the metadata of its data tables.
+
+Every `<data_dir>/agents/<agent_id>.db` holds, next to the agent's tables under
+their own names:
+
+- `_cr_state`: key/value replication state (epoch, watermark, counters, blocked);
+- `_cr_tables`: one `TableMeta` per data table (where it comes from, its visibility and columns);
+- `_cr_epochs`: retired epochs (an agent database that was replaced), whose late records are stale;
+- `_cr_relay_seen`: stream sequences of applied relay records (relay records carry no sequence of their own).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from agent_client import quote_identifier
+
+STATE_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS _cr_state (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS _cr_tables (name TEXT PRIMARY KEY, source TEXT NOT NULL, visibility TEXT NOT NULL,"
+    " columns TEXT NOT NULL, types TEXT NOT NULL, pk TEXT NOT NULL, sql TEXT) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS _cr_epochs (epoch TEXT PRIMARY KEY, retired_at REAL NOT NULL) WITHOUT ROWID",
+    # Relay records carry no sequence: the stream sequences of those applied (and maybe not yet acked) dedup them.
+    "CREATE TABLE IF NOT EXISTS _cr_relay_seen (stream_seq INTEGER PRIMARY KEY) WITHOUT ROWID",
+)
+_TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_ ]{0,40}(\(\s*[+-]?\d{1,10}\s*(,\s*[+-]?\d{1,10}\s*)?\))?")
+
+
+@dataclass(frozen=True)
+class TableMeta:
+    """One data table of a central copy, as recorded in `_cr_tables`."""
+
+    name: str
+    source: str  # "agent" (replicated) or "relay" (written over HTTP)
+    visibility: str  # "always" or "on_demand"
+    columns: tuple[str, ...]
+    types: tuple[str, ...]
+    pk: tuple[str, ...]
+    sql: str | None
+
+
+def safe_type(decl: str) -> str:
+    """A declared column type fit to paste into DDL (a name and up to two numbers), or "" for none."""
+    decl = decl.strip()
+    return decl if decl and _TYPE_RE.fullmatch(decl) else ""
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    for stmt in STATE_SCHEMA:
+        conn.execute(stmt)
+
+
+def load_state(conn: sqlite3.Connection) -> dict[str, Any]:
+    return dict(conn.execute("SELECT key, value FROM _cr_state").fetchall())
+
+
+def save_state(conn: sqlite3.Connection, values: dict[str, Any], *, clear: tuple[str, ...] = ()) -> None:
+    """Write state keys (None is stored as NULL) and delete the keys in `clear`."""
+    conn.executemany("INSERT OR REPLACE INTO _cr_state (key, value) VALUES (?, ?)", list(values.items()))
+    if clear:
+        conn.executemany("DELETE FROM _cr_state WHERE key = ?", [(k,) for k in clear])
+
+
+def load_tables(conn: sqlite3.Connection) -> dict[str, TableMeta]:
+    rows = conn.execute("SELECT name, source, visibility, columns, types, pk, sql FROM _cr_tables")
+    return {
+        r[0]: TableMeta(
+            r[0], r[1], r[2], tuple(orjson.loads(r[3])), tuple(orjson.loads(r[4])), tuple(orjson.loads(r[5])), r[6]
+        )
+        for r in rows
+    }
+
+
+def save_table(conn: sqlite3.Connection, meta: TableMeta) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO _cr_tables (name, source, visibility, columns, types, pk, sql) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            meta.name,
+            meta.source,
+            meta.visibility,
+            orjson.dumps(meta.columns).decode(),
+            orjson.dumps(meta.types).decode(),
+            orjson.dumps(meta.pk).decode(),
+            meta.sql,
+        ),
+    )
+
+
+def drop_table(conn: sqlite3.Connection, name: str) -> None:
+    conn.execute(f"DROP TABLE IF EXISTS {quote_identifier(name)}")
+    conn.execute("DELETE FROM _cr_tables WHERE name = ?", (name,))
+
+
+def load_retired(conn: sqlite3.Connection) -> frozenset[str]:
+    return frozenset(r[0] for r in conn.execute("SELECT epoch FROM _cr_epochs"))
+
+
+def retire_epoch(conn: sqlite3.Connection, epoch: str, at: float) -> None:
+    conn.execute("INSERT OR REPLACE INTO _cr_epochs (epoch, retired_at) VALUES (?, ?)", (epoch, at))
+
+
+def agent_table_ddl(meta: TableMeta) -> str:
+    """CREATE TABLE for a replicated table (declared types kept where they are safe to paste)."""
+    q = quote_identifier
+    cols = ", ".join(f"{q(c)} {safe_type(t)}".rstrip() for c, t in zip(meta.columns, meta.types, strict=True))
+    return f"CREATE TABLE {q(meta.name)} ({cols}, PRIMARY KEY ({', '.join(map(q, meta.pk))}))"
+
+
+def relay_table_ddl(meta: TableMeta) -> str:
+    """CREATE TABLE for a table first written over the HTTP relay (untyped; `id` is its key if present)."""
+    q = quote_identifier
+    defs = ", ".join(f"{q(c)} PRIMARY KEY" if c in meta.pk else q(c) for c in meta.columns)
+    return f"CREATE TABLE IF NOT EXISTS {q(meta.name)} ({defs})"

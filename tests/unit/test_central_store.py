@@ -1,0 +1,383 @@
+"""The central store on a real SQLite file, without NATS: applying change and relay records, epochs, rejections."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent_client import ChangeRecord, RelayRecord, RelayRow, TableLayout
+from replicator.central_store import AgentReplica, CentralStore
+from replicator.data_dir import DataDir
+from replicator.errors import RecordRejected
+from replicator.replica_state import ReplicaState
+from replicator.sequencer import RecordHeader, sequence
+
+AGENT = "unit-agent"
+EPOCH, EPOCH2 = "aaaaaaaa", "bbbbbbbb"
+ITEMS = TableLayout(
+    table="items",
+    columns=["id", "name", "data"],
+    pk=["id"],
+    types=["INTEGER", "TEXT", "BLOB"],
+    sql="CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, data BLOB)",
+)
+SECRETS = TableLayout(table="secrets", columns=["k", "v"], pk=["k"], sql="CREATE TABLE secrets (k TEXT PRIMARY KEY, v)")
+
+Change = tuple[int, str, int, list[Any]]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[CentralStore]:
+    s = CentralStore(DataDir(tmp_path))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def record(
+    first: int, changes: list[tuple[str, int, list[Any]]], *, epoch: str = EPOCH, final: bool = True
+) -> ChangeRecord:
+    numbered: list[Change] = [(first + i, op, layout, values) for i, (op, layout, values) in enumerate(changes)]
+    return ChangeRecord(
+        agent_id=AGENT,
+        epoch=epoch,
+        first_seq=first,
+        last_seq=first + len(changes) - 1,
+        final=final,
+        committed_at=1000.0 + first,
+        layouts={"0": ITEMS, "1": SECRETS},
+        changes=numbered,
+    )
+
+
+def relay(*rows: tuple[str, dict[str, Any]]) -> RelayRecord:
+    return RelayRecord(agent_id=AGENT, rows=[RelayRow(table=t, data=d) for t, d in rows])
+
+
+def apply(rep: AgentReplica, rec: ChangeRecord | RelayRecord, stream_seq: int | None = None) -> bool:
+    """One record in its own transaction, as the consumer does it (savepoint inside the agent's transaction)."""
+    rep.begin()
+    try:
+        with rep.record_savepoint():
+            if isinstance(rec, RelayRecord):
+                written = rep.apply_relay(rec, stream_seq)
+            else:
+                rep.apply_changes(rec)
+                written = True
+    finally:
+        if not rep.state.open_group:
+            rep.commit()
+    return written
+
+
+def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def created(store: CentralStore) -> AgentReplica:
+    rep = store.replica(AGENT)
+    apply(rep, record(1, [("S", 0, []), ("U", 0, [1, "one", None]), ("U", 0, [2, "two", {"b": "AAE="}])]))
+    return rep
+
+
+# ---------------------------------------------------------------- change records
+def test_schema_change_and_upserts(store: CentralStore) -> None:
+    rep = created(store)
+    assert rows(rep.path, "SELECT id, name, data FROM items ORDER BY id") == [(1, "one", None), (2, "two", b"\x00\x01")]
+    state = rep.state
+    assert (state.epoch, state.watermark, state.head_seq, state.committed_at) == (EPOCH, 3, 3, 1001.0)
+    assert (state.records_applied, state.changes_applied) == (1, 3)
+    assert state.tables["items"].columns == ("id", "name", "data")
+    assert state.tables["items"].types == ("INTEGER", "TEXT", "BLOB")
+    assert rows(rep.path, "SELECT type FROM pragma_table_info('items') ORDER BY cid") == [
+        ("INTEGER",),
+        ("TEXT",),
+        ("BLOB",),
+    ]
+
+
+def test_upsert_replaces_and_delete_removes(store: CentralStore) -> None:
+    rep = created(store)
+    apply(rep, record(4, [("U", 0, [1, "uno", None]), ("D", 0, [2]), ("D", 0, [99])]))
+    assert rows(rep.path, "SELECT id, name FROM items") == [(1, "uno")]
+    assert (rep.state.watermark, rep.state.records_applied, rep.state.changes_applied) == (6, 2, 6)
+
+
+def test_changes_at_or_below_the_watermark_are_skipped(store: CentralStore) -> None:
+    rep = created(store)
+    apply(rep, record(2, [("U", 0, [1, "again", None]), ("U", 0, [2, "again", None]), ("U", 0, [3, "three", None])]))
+    assert rows(rep.path, "SELECT id, name FROM items ORDER BY id") == [(1, "one"), (2, "two"), (3, "three")]
+    assert (rep.state.watermark, rep.state.changes_applied) == (4, 4)
+
+
+def test_drop_removes_the_table(store: CentralStore) -> None:
+    rep = created(store)
+    apply(rep, record(4, [("X", 0, [])]))
+    assert "items" not in rep.state.tables
+    assert rows(rep.path, "SELECT name FROM sqlite_master WHERE name = 'items'") == []
+    assert rows(rep.path, "SELECT name FROM _cr_tables") == []
+
+
+def test_visibility_announcement_registers_an_on_demand_table(store: CentralStore) -> None:
+    rep = created(store)
+    apply(rep, record(4, [("V", 1, ["on_demand"])]))
+    assert rep.state.tables["secrets"].visibility == "on_demand"
+    assert rows(rep.path, "SELECT name FROM sqlite_master WHERE name = 'secrets'") == []  # no rows kept here
+    store.publish_view()
+    table = store.view.table(AGENT, "secrets")
+    assert table is not None and table.visibility == "on_demand"
+    with pytest.raises(RecordRejected, match="not replicated here"):
+        apply(rep, record(5, [("U", 1, ["k", "v"])]))
+
+
+def test_a_new_epoch_drops_the_agent_tables_and_retires_the_old_epoch(store: CentralStore, tmp_path: Path) -> None:
+    rep = created(store)
+    apply(rep, relay(("notes", {"id": 1, "text": "kept"})))
+    apply(rep, record(1, [("S", 1, []), ("U", 1, ["k", "v"])], epoch=EPOCH2))
+    assert (rep.state.epoch, rep.state.watermark, rep.state.head_seq) == (EPOCH2, 2, 2)
+    assert rep.state.retired == frozenset({EPOCH})
+    assert set(rep.state.tables) == {"secrets", "notes"}
+    assert rows(rep.path, "SELECT name FROM sqlite_master WHERE name = 'items'") == []
+    assert rows(rep.path, "SELECT id, text FROM notes") == [(1, "kept")]  # written over HTTP: not the agent's
+    store.close()
+    reopened = CentralStore(DataDir(tmp_path)).replica(AGENT)
+    try:
+        assert reopened.state.retired == frozenset({EPOCH})
+        assert reopened.position().is_retired(EPOCH)
+        assert (reopened.state.epoch, reopened.state.watermark) == (EPOCH2, 2)
+    finally:
+        reopened.close()
+
+
+def test_state_survives_a_reopen(store: CentralStore, tmp_path: Path) -> None:
+    rep = created(store)
+    rep.begin()
+    rep.set_blocked("changes 4-4 dead-lettered")
+    rep.commit()
+    expected = rep.state.copy()
+    store.close()
+    again = CentralStore(DataDir(tmp_path))
+    try:
+        state = again.replica(AGENT).state
+        assert (state.epoch, state.watermark, state.head_seq, state.blocked) == (EPOCH, 3, 3, expected.blocked)
+        assert (state.committed_at, state.applied_at, state.last_seen) == (
+            expected.committed_at,
+            expected.applied_at,
+            expected.applied_at,
+        )
+        assert (state.records_applied, state.changes_applied) == (1, 3)
+        assert state.tables == expected.tables
+        again.replicas[AGENT].begin()
+        again.replicas[AGENT].set_blocked(None)
+        again.replicas[AGENT].commit()
+    finally:
+        again.close()
+    third = CentralStore(DataDir(tmp_path))
+    try:
+        assert third.replica(AGENT).state.blocked is None
+    finally:
+        third.close()
+
+
+# ---------------------------------------------------------------- rejections leave everything as it was
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ([("U", 0, [3, "three", None]), ("U", 1, ["k", "v"])], "not replicated here"),
+        ([("U", 0, [3, "three", None]), ("U", 0, [2**63, "big", None])], "bad value"),
+        ([("U", 0, [3, "three", None]), ("D", 0, [{"x": 1}])], "bad value"),
+        ([("S", 1, []), ("U", 1, ["k", "v"]), ("U", 0, [3, True, None])], "bad value"),
+    ],
+)
+def test_a_rejected_record_leaves_state_and_data_unchanged(
+    store: CentralStore, changes: list[tuple[str, int, list[Any]]], reason: str
+) -> None:
+    rep = created(store)
+    rep.begin()
+    before = rep.state.copy()
+    with pytest.raises(RecordRejected, match=reason), rep.record_savepoint():
+        rep.apply_changes(record(4, changes))
+    assert rep.state == before
+    rep.commit()
+    assert rows(rep.path, "SELECT id, name FROM items ORDER BY id") == [(1, "one"), (2, "two")]
+    assert rows(rep.path, "SELECT name FROM sqlite_master WHERE name = 'secrets'") == []
+    assert rows(rep.path, "SELECT value FROM _cr_state WHERE key = 'watermark'") == [(3,)]
+
+
+def test_a_schema_mismatch_is_rejected(store: CentralStore) -> None:
+    rep = created(store)
+    other = ITEMS.model_copy(update={"columns": ["id", "nick", "data"]})
+    rec = record(4, [("U", 0, [3, "x", None])]).model_copy(update={"layouts": {"0": other, "1": SECRETS}})
+    with pytest.raises(RecordRejected, match="schema mismatch"):
+        apply(rep, rec)
+    assert rep.state.watermark == 3
+
+
+def test_a_rejected_new_epoch_keeps_the_old_one(store: CentralStore) -> None:
+    rep = created(store)
+    rep.begin()
+    before = rep.state.copy()
+    with pytest.raises(RecordRejected), rep.record_savepoint():
+        rep.apply_changes(record(1, [("U", 0, [1, "x", None])], epoch=EPOCH2))  # its table does not exist yet
+    assert rep.state == before
+    rep.commit()
+    assert rows(rep.path, "SELECT id FROM items ORDER BY id") == [(1,), (2,)]
+    assert rows(rep.path, "SELECT epoch FROM _cr_epochs") == []
+
+
+def test_rollback_restores_state_and_data(store: CentralStore) -> None:
+    rep = created(store)
+    before = rep.state.copy()
+    rep.begin()
+    with rep.record_savepoint():
+        rep.apply_changes(record(4, [("U", 0, [3, "three", None])], final=False))
+    rep.set_blocked("something")
+    rep.state.head_seq = 50
+    assert rep.state.open_group
+    rep.rollback()
+    assert rep.state == before
+    assert not rep.in_txn
+    assert rows(rep.path, "SELECT id FROM items ORDER BY id") == [(1,), (2,)]
+
+
+# ---------------------------------------------------------------- relay records
+def test_relay_records_create_and_upsert_a_table(store: CentralStore) -> None:
+    rep = store.replica(AGENT)
+    assert apply(rep, relay(("notes", {"id": 1, "text": "a", "tags": ["x"]})), stream_seq=10)
+    assert apply(rep, relay(("notes", {"id": 1, "text": "b"}), ("notes", {"id": 2, "flag": True})), stream_seq=11)
+    assert rows(rep.path, "SELECT id, text, tags, flag FROM notes ORDER BY id") == [
+        (1, "b", '["x"]', None),
+        (2, None, None, 1),
+    ]
+    meta = rep.state.tables["notes"]
+    assert (meta.source, meta.pk, meta.columns) == ("relay", ("id",), ("id", "text", "tags", "flag"))
+    assert (rep.state.records_applied, rep.state.changes_applied) == (2, 3)
+
+
+def test_a_relay_table_without_id_has_no_key(store: CentralStore) -> None:
+    rep = store.replica(AGENT)
+    apply(rep, relay(("log", {"line": "a"}), ("log", {"line": "a"})))
+    assert rows(rep.path, "SELECT line FROM log") == [("a",), ("a",)]
+    with pytest.raises(RecordRejected, match="lacks its primary key"):
+        apply(rep, relay(("notes", {"id": 1}), ("notes", {"text": "no id"})))
+
+
+def test_a_duplicate_relay_stream_seq_is_not_applied_twice(store: CentralStore) -> None:
+    rep = store.replica(AGENT)
+    assert apply(rep, relay(("log", {"line": "a"})), stream_seq=7)
+    before = rep.state.copy()
+    assert not apply(rep, relay(("log", {"line": "a"})), stream_seq=7)
+    assert rows(rep.path, "SELECT count(*) FROM log") == [(1,)]
+    assert (rep.state.records_applied, rep.state.changes_applied) == (before.records_applied, before.changes_applied)
+    store.forget_relay_seen(7)
+    assert apply(rep, relay(("log", {"line": "a"})), stream_seq=7)  # past the ack floor: no longer remembered
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        (("bad name", {"id": 1}), "invalid table name"),
+        (("notes", {}), "no columns"),
+        (("notes", {"x; DROP": 1}), "invalid column name"),
+        (("notes", {"id": 2**64}), "64 bits"),
+        (("notes", {"id": float("nan")}), "finite"),
+        (("items", {"id": 9, "name": "x"}), None),  # agent table: allowed (its columns exist)
+        (("items", {"id": 9, "nick": "x"}), "has no column"),
+        (("secrets", {"k": "x"}), "on_demand"),
+    ],
+)
+def test_relay_rejections_leave_state_and_data_unchanged(
+    store: CentralStore, row: tuple[str, dict[str, Any]], reason: str | None
+) -> None:
+    rep = created(store)
+    apply(rep, record(4, [("V", 1, ["on_demand"])]))
+    rep.begin()
+    before = rep.state.copy()
+    if reason is None:
+        with rep.record_savepoint():
+            rep.apply_relay(relay(row), 1)
+        rep.commit()
+        assert rows(rep.path, "SELECT id, name FROM items WHERE id = 9") == [(9, "x")]
+        return
+    with pytest.raises(RecordRejected, match=reason), rep.record_savepoint():
+        rep.apply_relay(relay(("notes", {"id": 1, "text": "first row is fine"}), row), 1)
+    assert rep.state == before
+    rep.commit()
+    assert rows(rep.path, "SELECT name FROM sqlite_master WHERE name = 'notes'") == []
+    assert rows(rep.path, "SELECT count(*) FROM _cr_relay_seen") == [(0,)]
+
+
+# ---------------------------------------------------------------- views
+def test_the_view_shows_the_committed_state_during_an_open_group(store: CentralStore) -> None:
+    rep = created(store)
+    store.publish_view()
+    committed = store.view.agent(AGENT)
+    assert committed is not None and committed.watermark == 3
+    rep.begin()
+    with rep.record_savepoint():
+        rep.apply_changes(record(4, [("S", 1, []), ("U", 0, [3, "three", None])], final=False))
+    view = store.publish_view().agent(AGENT)
+    assert view is not None
+    assert (view.watermark, view.records_applied, view.changes_applied) == (3, 1, 3)
+    assert set(view.tables) == {"items"}
+    assert view.head_seq == 5  # seen, not yet committed
+    rep.commit()
+    view = store.publish_view([AGENT]).agent(AGENT)
+    assert view is not None and (view.watermark, set(view.tables)) == (5, {"items", "secrets"})
+    assert view.lag_changes == 0
+
+
+def test_publish_view_for_some_agents_keeps_the_others(store: CentralStore) -> None:
+    created(store)
+    other = store.replica("other-agent")
+    store.publish_view()
+    first = store.view
+    apply(other, RelayRecord(agent_id="other-agent", rows=[RelayRow(table="t", data={"id": 1})]))
+    second = store.publish_view(["other-agent"])
+    assert second.agent(AGENT) is first.agent(AGENT)
+    assert second.agent_ids() == ["other-agent", AGENT]
+    other_view = second.agent("other-agent")
+    assert other_view is not None and other_view.records_applied == 1
+    first_other = first.agent("other-agent")
+    assert first_other is not None and first_other.records_applied == 0  # a published view never changes
+
+
+def test_position_of_an_unknown_agent_creates_nothing(store: CentralStore, tmp_path: Path) -> None:
+    assert store.position("nobody") == ReplicaState().position()
+    assert "nobody" not in store.replicas
+    assert not (tmp_path / "agents" / "nobody.db").exists()
+
+
+def test_an_invalid_agent_id_is_rejected(store: CentralStore) -> None:
+    with pytest.raises(RecordRejected, match="invalid agent id"):
+        store.replica("../etc")
+
+
+def test_observe_tracks_the_highest_sequence_seen_of_the_current_epoch(store: CentralStore) -> None:
+    rep = created(store)  # watermark 3
+
+    def seen(first: int, last: int, epoch: str = EPOCH) -> int:
+        header = RecordHeader(AGENT, AGENT, "changes", epoch, first, last)
+        rep.observe(header, sequence(rep.position(), header))
+        assert rep.state.last_seen is not None
+        return rep.state.head_seq
+
+    assert seen(2, 3) == 3  # duplicate
+    assert seen(8, 9) == 9  # beyond a gap: the lag shows it
+    assert seen(4, 5) == 9  # the next one, below what was seen
+    assert seen(20, 20, epoch=EPOCH2) == 9  # another epoch (a gap: it must start at 1)
+    assert seen(1, 30, epoch=EPOCH2) == 9  # a new epoch counts once applied
+    rep.begin()
+    with rep.record_savepoint():
+        rep.apply_changes(record(4, [("U", 0, [3, "x", None])], final=False))
+    assert seen(7, 12) == 9  # not the next part of the open transaction
+    assert seen(5, 11) == 11

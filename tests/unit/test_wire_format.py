@@ -1,0 +1,299 @@
+"""The wire format (agent_client/change_record.py): what the publisher builds, decode_record reads back, exactly."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent_client import (
+    INT64_MAX,
+    INT64_MIN,
+    ChangeRecord,
+    InvalidText,
+    RecordDecodeError,
+    decode_record,
+    decode_value,
+    decode_values,
+    encode_value,
+    msg_id,
+    relay_msg_id,
+)
+from agent_client.change_record import change_json, change_record_bytes, encode_values, layout_json
+
+EPOCH = "0123456789abcdef"
+NOTES_SQL = "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT, data BLOB, r REAL)"
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal with the same storage class; nan equals nan and -0.0 differs from 0.0."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+    return bool(a == b)
+
+
+def same_row(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+
+
+def notes_layout() -> bytes:
+    return layout_json(
+        table="notes",
+        columns=("id", "body", "data", "r"),
+        types=("INTEGER", "TEXT", "BLOB", "REAL"),
+        pk=("id",),
+        sql=NOTES_SQL,
+        visibility="always",
+    )
+
+
+def record(
+    changes: list[tuple[int, str, int, tuple[Any, ...]]], layouts: dict[int, bytes], *, final: bool = True
+) -> bytes:
+    return change_record_bytes(
+        agent_id="agent-7",
+        epoch=EPOCH,
+        first_seq=changes[0][0],
+        last_seq=changes[-1][0],
+        final=final,
+        committed_at=changes[-1][0] + 0.25,
+        layouts_json=layouts,
+        changes_json=[change_json(*c) for c in changes],
+    )
+
+
+# --------------------------------------------------------------------------- the bytes themselves
+
+# What the publisher put on the wire before the format moved here (captured from it): the builder must
+# keep producing exactly these bytes.
+GOLDEN = (
+    b'{"v":1,"kind":"changes","agent_id":"agent-7","epoch":"0123456789abcdef","first_seq":10,"last_seq":15,'
+    b'"final":true,"committed_at":1700000000.75,"layouts":{"3":{"table":"notes","columns":["id","body","data","r"],'
+    b'"types":["INTEGER","TEXT","BLOB","REAL"],"pk":["id"],'
+    b'"sql":"CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT, data BLOB, r REAL)","visibility":"always"},'
+    b'"5":{"table":"side","columns":["k"],"types":["TEXT"],"pk":["k"],"sql":"CREATE TABLE side (k TEXT PRIMARY KEY)",'
+    b'"visibility":"on_demand"}},"changes":[[10,"S",3,[]],'
+    b'[11,"U",3,[1,"h\xc3\xa9llo \xe2\x98\x83",{"b":"AAH/"},-0.0]],[12,"U",3,[2,null,null,{"f":"inf"}]],'
+    b'[13,"U",3,[-9223372036854775808,"",{"b":""},1.5e+300]],[14,"D",3,[1]],[15,"V",5,["on_demand"]]]}'
+)
+
+
+def test_builder_produces_the_publishers_bytes() -> None:
+    side = layout_json(
+        table="side", columns=["k"], types=["TEXT"], pk=["k"], sql="CREATE TABLE side (k TEXT PRIMARY KEY)",
+        visibility="on_demand",
+    )  # fmt: skip
+    changes = [
+        change_json(10, "S", 3, ()),
+        change_json(11, "U", 3, (1, "héllo \u2603", b"\x00\x01\xff", -0.0)),
+        change_json(12, "U", 3, (2, None, None, math.inf)),
+        change_json(13, "U", 3, (INT64_MIN, "", b"", 1.5e300)),
+        change_json(14, "D", 3, (1,)),
+        change_json(15, "V", 5, ("on_demand",)),
+    ]
+    payload = change_record_bytes(
+        agent_id="agent-7",
+        epoch=EPOCH,
+        first_seq=10,
+        last_seq=15,
+        final=True,
+        committed_at=1700000000.75,
+        layouts_json={5: side, 3: notes_layout()},  # any order in: ascending layout ids out
+        changes_json=changes,
+    )
+    assert payload == GOLDEN
+    rec = decode_record(payload)
+    assert isinstance(rec, ChangeRecord)
+    assert [c[0] for c in rec.changes] == list(range(10, 16))
+
+
+def test_final_false_and_layout_fields_survive() -> None:
+    rec = decode_record(record([(4, "U", 7, (1, "a", None, 0.5))], {7: notes_layout()}, final=False))
+    assert isinstance(rec, ChangeRecord)
+    assert rec.final is False
+    assert (rec.first_seq, rec.last_seq, rec.committed_at) == (4, 4, 4.25)
+    layout = rec.layouts["7"]
+    assert (layout.table, layout.columns, layout.types, layout.pk) == (
+        "notes",
+        ["id", "body", "data", "r"],
+        ["INTEGER", "TEXT", "BLOB", "REAL"],
+        ["id"],
+    )
+    assert (layout.sql, layout.visibility) == (NOTES_SQL, "always")
+
+
+# --------------------------------------------------------------------------- round trip, every storage class
+
+invalid_text = st.tuples(st.binary(max_size=20), st.binary(max_size=20)).map(
+    lambda p: InvalidText(p[0] + b"\xff" + p[1])  # 0xff never occurs in UTF-8
+)
+sqlite_values = st.one_of(
+    st.none(),
+    st.integers(INT64_MIN, INT64_MAX),
+    st.sampled_from([INT64_MIN, INT64_MAX, 0, -1, 2**53 + 1]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([-0.0, 0.0, math.inf, -math.inf, math.nan, 5e-324, 1.7976931348623157e308]),
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=30),
+    st.sampled_from(["", "é", "☃", "𝄞", "\x00", '"\\', '{"b": "AA=="}']),
+    st.binary(max_size=40),
+    invalid_text,
+)
+
+
+@given(
+    rows=st.integers(1, 6).flatmap(
+        lambda w: st.lists(st.lists(sqlite_values, min_size=w, max_size=w), min_size=1, max_size=8)
+    )
+)
+def test_every_sqlite_value_round_trips_through_a_record(rows: list[list[Any]]) -> None:
+    width = len(rows[0])
+    columns = [f"c{i}" for i in range(width)]
+    layout = layout_json(table="t", columns=columns, types=[""] * width, pk=["c0"], sql="CREATE TABLE t (...)",
+                         visibility="always")  # fmt: skip
+    changes = [(100 + i, "U", 2, tuple(row)) for i, row in enumerate(rows)]
+    changes.append((100 + len(rows), "D", 2, (rows[0][0],)))
+    rec = decode_record(record(changes, {2: layout}))
+    assert isinstance(rec, ChangeRecord)
+    decoded = [decode_values(values) for _seq, _op, _lid, values in rec.changes]
+    for (seq, op, _lid, sent), (got_seq, got_op, got_lid, _), got in zip(changes, rec.changes, decoded, strict=True):
+        assert (got_seq, got_op, got_lid) == (seq, op, 2)
+        assert same_row(got, list(sent)), (sent, got)
+
+
+@given(st.lists(sqlite_values, max_size=12))
+def test_fast_path_encodes_like_value_by_value(row: list[Any]) -> None:
+    assert orjson.dumps(encode_values(row)) == orjson.dumps([encode_value(v) for v in row])
+    assert same_row(decode_values(orjson.loads(orjson.dumps(encode_values(row)))), row)
+
+
+def test_plain_rows_are_not_tagged_and_decode_to_themselves() -> None:
+    row: list[Any] = [1, "x", None, 2.5]
+    assert encode_values(row) == row
+    wire = orjson.loads(orjson.dumps(row))
+    assert decode_values(wire) is wire
+
+
+@pytest.mark.parametrize(
+    ("value", "wire"),
+    [
+        (b"\x00\xff", {"b": "AP8="}),
+        (InvalidText(b"caf\xe9"), {"t": "Y2Fm6Q=="}),
+        (math.inf, {"f": "inf"}),
+        (-math.inf, {"f": "-inf"}),
+        (INT64_MAX, INT64_MAX),
+        ("é", "é"),
+    ],
+)
+def test_tags(value: Any, wire: Any) -> None:
+    assert encode_value(value) == wire
+    assert same(decode_value(wire), value)
+
+
+def test_invalid_text_is_text_not_a_blob() -> None:
+    got = decode_value({"t": "/w=="})
+    assert type(got) is InvalidText and got == b"\xff"
+    assert type(decode_value({"b": "/w=="})) is bytes
+
+
+# --------------------------------------------------------------------------- malformed input
+
+
+def header(**override: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = orjson.loads(record([(1, "U", 1, (1, "a", None, 0.5))], {1: notes_layout()}))
+    obj.update(override)
+    return obj
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"{not json", b"[1, 2]", b'"v"', b"\xff\xfe", b'{"v": 1, "kind": "changes"'],
+    ids=["empty", "bad-json", "array", "string", "not-utf8", "truncated"],
+)
+def test_bad_json_is_a_decode_error(payload: bytes) -> None:
+    with pytest.raises(RecordDecodeError):
+        decode_record(payload)
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", True, 1.0, None, [1]])
+def test_unknown_version_is_a_decode_error(version: Any) -> None:
+    with pytest.raises(RecordDecodeError, match="version"):
+        decode_record(orjson.dumps(header(v=version)))
+
+
+def test_missing_version_is_a_decode_error() -> None:
+    obj = header()
+    del obj["v"]
+    with pytest.raises(RecordDecodeError, match="version"):
+        decode_record(orjson.dumps(obj))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"kind": "other"},
+        {"agent_id": "Bad Id"},
+        {"epoch": "xyz"},
+        {"first_seq": 0},
+        {"last_seq": 5},
+        {"final": "yes"},
+        {"changes": [[1, "U", 9, [1, "a", None, 0.5]]]},
+        {"changes": [[1, "Q", 1, [1]]]},
+        {"changes": [[1, "U", 1, [1]]]},
+        {"layouts": {"1": {"table": "_cr_log", "columns": ["id"], "pk": ["id"]}}},
+    ],
+    ids=["kind", "agent", "epoch", "first0", "range", "final", "layout", "op", "width", "table-name"],
+)
+def test_bad_shape_is_a_decode_error(override: dict[str, Any]) -> None:
+    with pytest.raises(RecordDecodeError):
+        decode_record(orjson.dumps(header(**override)))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        2**63,
+        -(2**63) - 1,
+        True,
+        [1],
+        {"b": "not base64!"},
+        {"t": "not base64!"},
+        {"b": 1},
+        {"t": None},
+        {"f": "infinity"},
+        {"x": "AA=="},
+        {"b": "AA==", "t": "AA=="},
+        {},
+    ],
+    ids=["int-high", "int-low", "bool", "list", "bad-b64", "bad-t64", "b-int", "t-null", "f-word", "x-tag",
+         "two-tags", "empty-tag"],
+)  # fmt: skip
+def test_a_value_that_is_not_a_sqlite_value_is_refused(bad: Any) -> None:
+    with pytest.raises(ValueError):
+        decode_value(bad)
+    with pytest.raises(ValueError):
+        decode_values([1, "ok", bad])
+
+
+def test_out_of_range_integer_in_a_record_is_refused_when_its_values_are_read() -> None:
+    payload = header(changes=[[1, "U", 1, [2**63, "a", None, 0.5]]])
+    rec = decode_record(orjson.dumps(payload))
+    assert isinstance(rec, ChangeRecord)
+    with pytest.raises(ValueError, match="64 bits"):
+        decode_values(rec.changes[0][3])
+
+
+# --------------------------------------------------------------------------- message ids
+
+
+def test_msg_ids_are_stable() -> None:
+    assert msg_id("agent-7", EPOCH, 10, 15) == "agent-7:0123456789abcdef:10-15"
+    assert msg_id("agent-7", EPOCH, 10, 15) == msg_id("agent-7", EPOCH, 10, 15)
+    assert msg_id("agent-7", EPOCH, 10, 15) != msg_id("agent-7", EPOCH, 10, 16)
+    assert relay_msg_id("agent-7", "key-1") == "relay:agent-7:key-1"
+    assert relay_msg_id("agent-7", "key-1") != relay_msg_id("agent-8", "key-1")
