@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from agent_client import (
+    AGENT_ID_PATTERN,
     RECORD_VERSION,
     RelayRecord,
     RelayRow,
@@ -60,7 +61,7 @@ class RelayWriter:
     def check(self, agent_id: str, table: str, data: Mapping[str, Any]) -> None:
         """Refuse a row the central store would dead-letter, or one aimed at a table the agent replicates."""
         if not is_valid_agent_id(agent_id):
-            raise InvalidAgent(f"invalid agent id {agent_id!r}: must match [a-z0-9][a-z0-9_-]{{0,63}}")
+            raise InvalidAgent(f"invalid agent id {agent_id!r}: must match {AGENT_ID_PATTERN}")
         try:
             relay_row(table, data)
         except InvalidRelayName as exc:
