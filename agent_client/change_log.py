@@ -82,14 +82,31 @@ def drop_triggers(conn: sqlite3.Connection, table: str) -> None:
         conn.execute(f"DROP TRIGGER IF EXISTS {quote_identifier(name)}")
 
 
+#: Written into every capture trigger; triggers without the current marker are recreated at the next open
+#: (with a fresh snapshot of the table), so a database made by an older build gets the current capture rules.
+CAPTURE_VERSION = 2
+_CAPTURE_MARK = f"/* capture v{CAPTURE_VERSION} */"
+
+
+def _differs(column: str) -> str:
+    """True when a column's old and new values differ in any way the central copy must see.
+
+    `IS NOT` alone compares with the column's collation and numerically: 'a' -> 'A' under NOCASE and
+    0 -> 0.0 (an INTEGER becoming a REAL) would look unchanged and never be captured.
+    """
+    q = quote_identifier(column)
+    return f"(OLD.{q} IS NOT NEW.{q} COLLATE BINARY OR typeof(OLD.{q}) IS NOT typeof(NEW.{q}))"
+
+
 def create_triggers(
     conn: sqlite3.Connection, table: str, columns: Sequence[str], pk: Sequence[str], layout_id: int
 ) -> None:
     """(Re)create the three capture triggers of a replicated table for one layout.
 
     INSERT logs the new row image (U); DELETE logs the old key (D); an UPDATE
-    that changes anything logs the new image, preceded by a D of the old key
-    when the primary key itself changed.
+    that changes anything (value, storage class, or bytes a collation would
+    call equal) logs the new image, preceded by a D of the old key when the
+    primary key itself changed. An UPDATE that changes nothing logs nothing.
     """
     drop_triggers(conn, table)
     q = quote_identifier
@@ -97,23 +114,30 @@ def create_triggers(
     ins, upd, dele = (q(n) for n in _trigger_names(table))
     new_row = [f"NEW.{q(c)}" for c in columns]
     old_key = [f"OLD.{q(c)}" for c in pk]
-    key_changed = " OR ".join(f"OLD.{q(c)} IS NOT NEW.{q(c)}" for c in pk)
-    any_changed = " OR ".join(f"OLD.{q(c)} IS NOT NEW.{q(c)}" for c in columns)
+    key_changed = " OR ".join(_differs(c) for c in pk)
+    any_changed = " OR ".join(_differs(c) for c in columns)
     old_key_select = _insert_sql(layout_id, "D", old_key).replace(" VALUES (", " SELECT ", 1)
     old_key_select = old_key_select[:-1] + f" WHERE {key_changed}"
-    conn.execute(f"CREATE TRIGGER {ins} AFTER INSERT ON {target} BEGIN {_insert_sql(layout_id, 'U', new_row)}; END")
+    mark = _CAPTURE_MARK
     conn.execute(
-        f"CREATE TRIGGER {upd} AFTER UPDATE ON {target} WHEN {any_changed} BEGIN "
+        f"CREATE TRIGGER {ins} {mark} AFTER INSERT ON {target} BEGIN {_insert_sql(layout_id, 'U', new_row)}; END"
+    )
+    conn.execute(
+        f"CREATE TRIGGER {upd} {mark} AFTER UPDATE ON {target} WHEN {any_changed} BEGIN "
         f"{old_key_select}; {_insert_sql(layout_id, 'U', new_row)}; END"
     )
-    conn.execute(f"CREATE TRIGGER {dele} AFTER DELETE ON {target} BEGIN {_insert_sql(layout_id, 'D', old_key)}; END")
+    conn.execute(
+        f"CREATE TRIGGER {dele} {mark} AFTER DELETE ON {target} BEGIN {_insert_sql(layout_id, 'D', old_key)}; END"
+    )
 
 
 def triggers_present(conn: sqlite3.Connection, table: str) -> bool:
+    """Are the table's three capture triggers there, made by the current capture rules?"""
     names = _trigger_names(table)
     rows = conn.execute(
-        f"SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN ({', '.join('?' * len(names))})",
-        names,
+        f"SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN ({', '.join('?' * len(names))}) "
+        "AND instr(sql, ?) > 0",
+        (*names, _CAPTURE_MARK),
     ).fetchone()
     return int(rows[0]) == len(names)
 

@@ -226,3 +226,17 @@ def test_widest_layout_follows_new_layouts(conn: sqlite3.Connection) -> None:
     catalog.resync_schema(conn)
     assert width(conn) == 5
     assert catalog.load_layouts(conn, set()) == {}
+
+
+def test_resync_recaptures_a_table_whose_triggers_older_rules_made(conn: sqlite3.Connection) -> None:
+    set_visibility(conn, "t", ALWAYS)
+    first_layout = log(conn)[0][1]
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = '_cr_t_upd'").fetchone()[0]
+    conn.execute('DROP TRIGGER "_cr_t_upd"')
+    conn.execute(sql.replace(f"/* capture v{change_log.CAPTURE_VERSION} */", ""))  # as a previous build made it
+    conn.execute("BEGIN IMMEDIATE")
+    assert catalog.resync_schema(conn) == ["t"]
+    conn.execute("COMMIT")
+    after = log(conn)[3:]  # S + 2 rows of the first snapshot come first
+    assert [op for op, _l, _v in after] == ["S", "U", "U"] and {lid for _o, lid, _v in after} == {first_layout + 1}
+    assert change_log.triggers_present(conn, "t")

@@ -175,3 +175,37 @@ def test_backlog_is_the_newest_seq_and_when_the_oldest_unacked_change_was_logged
     assert last == 2
     assert oldest is not None and before - 1 <= oldest <= time.time() + 1
     assert change_log.backlog(conn, 2) == (2, None)
+
+
+# --------------------------------------------------------------------------- exact change detection
+
+
+def test_update_that_changes_only_the_storage_class_is_captured(conn: sqlite3.Connection) -> None:
+    tx(conn, "INSERT INTO t VALUES (1, 'x', 0)")
+    tx(conn, "UPDATE t SET b = 0.0 WHERE id = 1")  # 0 == 0.0 numerically, but INTEGER became REAL
+    last = changes(conn)[-1]
+    assert last == ("U", 1, "x", 0.0) and type(last[3]) is float
+
+
+def test_update_a_collation_calls_equal_is_captured(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE ci (id TEXT COLLATE NOCASE PRIMARY KEY, s TEXT COLLATE NOCASE)")
+    change_log.create_triggers(conn, "ci", ("id", "s"), ("id",), LAYOUT + 1)
+    tx(conn, "INSERT INTO ci VALUES ('k', 'a')")
+    tx(conn, "UPDATE ci SET s = 'A'")
+    tx(conn, "UPDATE ci SET id = 'K'")  # a key change the NOCASE key calls equal: old key deleted, new row upserted
+    assert changes(conn, 2)[-3:] == [("U", "k", "A"), ("D", "k"), ("U", "K", "A")]
+
+
+def test_update_that_changes_nothing_logs_nothing(conn: sqlite3.Connection) -> None:
+    tx(conn, "INSERT INTO t VALUES (1, 'x', 2.5)")
+    before = len(log_rows(conn))
+    tx(conn, "UPDATE t SET a = a, b = b WHERE id = 1")
+    assert len(log_rows(conn)) == before
+
+
+def test_triggers_of_older_capture_rules_are_not_current(conn: sqlite3.Connection) -> None:
+    assert change_log.triggers_present(conn, "t")
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = '_cr_t_upd'").fetchone()[0]
+    conn.execute('DROP TRIGGER "_cr_t_upd"')
+    conn.execute(sql.replace(f"/* capture v{change_log.CAPTURE_VERSION} */", ""))  # as a previous build made it
+    assert not change_log.triggers_present(conn, "t")
