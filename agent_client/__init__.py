@@ -60,10 +60,13 @@ from .statements import split_statements, upsert_sql
 from .stream import DUPLICATE_WINDOW_S, STREAM_NAME, STREAM_SUBJECTS, consumer_config, ensure_stream
 from .subjects import (
     CHANGES_SUBJECTS,
+    RELAY_SUBJECTS,
     REPLICATOR_INBOX,
     agent_inbox_prefix,
     changes_subject,
     query_subject,
+    relay_subject,
+    relay_subject_agent,
     subject_agent,
 )
 from .visibility import Visibility
@@ -77,6 +80,7 @@ __all__ = [
     "INT64_MAX",
     "INT64_MIN",
     "RECORD_VERSION",
+    "RELAY_SUBJECTS",
     "REPLICATOR_INBOX",
     "STREAM_NAME",
     "STREAM_SUBJECTS",
@@ -131,6 +135,8 @@ __all__ = [
     "read_seed",
     "reconnecting_options",
     "relay_msg_id",
+    "relay_subject",
+    "relay_subject_agent",
     "run_read_only",
     "split_statements",
     "subject_agent",

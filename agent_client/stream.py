@@ -20,10 +20,10 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from .subjects import CHANGES_SUBJECTS
+from .subjects import CHANGES_SUBJECTS, RELAY_SUBJECTS
 
 STREAM_NAME = "AGENT_CHANGES"
-STREAM_SUBJECTS = [CHANGES_SUBJECTS]
+STREAM_SUBJECTS = [CHANGES_SUBJECTS, RELAY_SUBJECTS]
 DUPLICATE_WINDOW_S = 120.0
 #: A delivery not acked within this is redelivered (held parts of a multi-part transaction are kept alive).
 CONSUMER_ACK_WAIT_S = 5.0
@@ -34,7 +34,7 @@ CONSUMER_MAX_ACK_PENDING = 20_000
 def consumer_config(
     durable: str, *, deliver_policy: DeliverPolicy = DeliverPolicy.ALL, opt_start_seq: int | None = None
 ) -> ConsumerConfig:
-    """The replicator's durable pull consumer on every agent's change records."""
+    """The replicator's durable pull consumer on every subject of the stream (change records and relay writes)."""
     return ConsumerConfig(
         durable_name=durable,
         ack_policy=AckPolicy.EXPLICIT,
@@ -43,7 +43,6 @@ def consumer_config(
         ack_wait=CONSUMER_ACK_WAIT_S,
         max_deliver=-1,
         max_ack_pending=CONSUMER_MAX_ACK_PENDING,
-        filter_subject=CHANGES_SUBJECTS,
     )
 
 

@@ -6,15 +6,22 @@ its own subjects and its own inbox prefix, so every name is spelled here once.
 
 from __future__ import annotations
 
-#: What the stream captures and the replicator consumes: every agent's change records.
+#: Every agent's change records (each agent's key may publish only to its own).
 CHANGES_SUBJECTS = "agents.*.changes"
+#: Rows written through the relay HTTP API on an agent's behalf: only the replicator's key may publish here.
+RELAY_SUBJECTS = "agents.*.relay"
 #: Where the replicator's replies arrive (its key may subscribe only there).
 REPLICATOR_INBOX = "_INBOX_replicator"
 
 
 def changes_subject(agent_id: str) -> str:
-    """Where agent `agent_id` publishes its change records (and the relay publishes its HTTP writes)."""
+    """Where agent `agent_id` publishes its change records."""
     return f"agents.{agent_id}.changes"
+
+
+def relay_subject(agent_id: str) -> str:
+    """Where the HTPC publishes rows written over HTTP for agent `agent_id` (never the agent's own key)."""
+    return f"agents.{agent_id}.relay"
 
 
 def query_subject(agent_id: str) -> str:
@@ -31,5 +38,13 @@ def subject_agent(subject: str) -> str | None:
     """The agent id of a change-record subject (`agents.<id>.changes`), or None for any other subject."""
     parts = subject.split(".")
     if len(parts) == 3 and parts[0] == "agents" and parts[2] == "changes" and parts[1]:
+        return parts[1]
+    return None
+
+
+def relay_subject_agent(subject: str) -> str | None:
+    """The agent id of a relay subject (`agents.<id>.relay`), or None for any other subject."""
+    parts = subject.split(".")
+    if len(parts) == 3 and parts[0] == "agents" and parts[2] == "relay" and parts[1]:
         return parts[1]
     return None

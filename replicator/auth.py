@@ -33,6 +33,7 @@ from starlette.authentication import BaseUser
 
 from agent_client import (
     CHANGES_SUBJECTS,
+    RELAY_SUBJECTS,
     REPLICATOR_INBOX,
     STREAM_NAME,
     agent_inbox_prefix,
@@ -214,6 +215,7 @@ class AuthStore:
                 js.format("CONSUMER.MSG.NEXT") + ".>",
                 f"$JS.ACK.{STREAM_NAME}.>",
                 CHANGES_SUBJECTS,
+                RELAY_SUBJECTS,
                 query_subject("*"),
             ]
             users.append(_user(rep["nkey"], allow_pub, [f"{REPLICATOR_INBOX}.>"], responses=False))

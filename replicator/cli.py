@@ -41,11 +41,31 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "nats_tls_cert",
         "nats_tls_key",
         "nats_tls_ca",
+        *(name for name, _type, _help in LIMIT_FLAGS),
     ):
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
     return Settings(**values)
+
+
+#: `serve` flags that bound what one agent, token or query may take: (Settings field, type, help).
+LIMIT_FLAGS: list[tuple[str, type, str]] = [
+    ("max_record_bytes", int, "largest message the stream accepts (bytes)"),
+    ("max_agent_bytes", int, "largest central copy of one agent (bytes)"),
+    ("max_held_per_agent", int, "records of one agent that may wait for a missing one before it is blocked"),
+    ("dead_letter_payload_bytes", int, "bytes of each dead letter's payload kept"),
+    ("dead_letters_per_agent", int, "dead letters kept per agent (oldest pruned)"),
+    ("query_max_rows", int, "rows in one /relay/query answer"),
+    ("query_timeout_ms", int, "default and largest timeout of one query"),
+    ("query_max_result_bytes", int, "bytes of one /relay/query answer"),
+    ("query_max_value_bytes", int, "bytes of a value a query's functions may produce"),
+    ("query_max_concurrent", int, "queries one token (or, without auth, one client) may run at once"),
+    ("query_pool_size", int, "pooled read-only query connections"),
+    ("http_request_timeout_s", float, "seconds a client has to send its request headers and body"),
+    ("http_max_header_bytes", int, "bytes of a request's line and headers"),
+    ("http_max_connections", int, "open HTTP connections at once"),
+]
 
 
 # ------------------------------------------------------------------------------ main
@@ -95,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--tls-key", default=env("TLS_KEY"), help="private key of --tls-cert")
     p_serve.add_argument("--nats-tls-cert", default=env("NATS_TLS_CERT"), help="TLS certificate for embedded NATS")
     p_serve.add_argument("--nats-tls-key", default=env("NATS_TLS_KEY"), help="private key of --nats-tls-cert")
+    limits = p_serve.add_argument_group("limits", "what one agent, token or query may take (README: Security)")
+    for name, kind, help_text in LIMIT_FLAGS:
+        flag = name.replace("_", "-")
+        default = Settings.model_fields[name].default
+        limits.add_argument(
+            f"--{flag}",
+            type=kind,
+            default=env(name.upper()),
+            help=f"{help_text} [default {default}; REPLICATOR_{name.upper()}]",
+        )
 
     p_rebuild = sub.add_parser("rebuild", help="rebuild the central store from the stream (serve must be stopped)")
     common(p_rebuild)

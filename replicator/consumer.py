@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import time
@@ -39,7 +40,6 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from agent_client import (
-    CHANGES_SUBJECTS,
     STREAM_NAME,
     Backoff,
     ChangeRecord,
@@ -47,6 +47,7 @@ from agent_client import (
     RelayRecord,
     consumer_config,
     decode_record,
+    relay_subject_agent,
     subject_agent,
 )
 
@@ -218,9 +219,11 @@ class Consumer:
 
     # ------------------------------------------------------------ loop
     async def _subscribe(self) -> Any:
-        return await self.js.pull_subscribe(
-            CHANGES_SUBJECTS, durable=self.durable, stream=STREAM_NAME, config=self.config
-        )
+        # Create the durable, or bring an existing one to this configuration (e.g. one made before the relay
+        # subject existed, filtered on change records only): JetStream updates a consumer's editable fields.
+        config = dataclasses.replace(self.config, name=self.durable)
+        await self.js.add_consumer(STREAM_NAME, config=config)
+        return await self.js.pull_subscribe_bind(durable=self.durable, stream=STREAM_NAME)
 
     async def run(self, *, until_idle: bool = False) -> None:
         """Consume until stopped (or, with until_idle, until nothing is pending or unacked)."""
@@ -428,13 +431,19 @@ class Consumer:
         return _Step(Verdict.DEAD_LETTER, agent)
 
     def _process_one(self, item: _Item, touched: dict[str, AgentReplica], seen: set[str]) -> _Step:
-        owner = subject_agent(item.subject)
+        relay_owner = relay_subject_agent(item.subject)
+        owner = relay_owner or subject_agent(item.subject)
         if owner is None:
             return self._dead(item, None, f"unexpected subject {item.subject!r}")
         try:
             rec = decode_record(item.data)
         except RecordDecodeError as exc:
             return self._dead(item, owner, str(exc))
+        if isinstance(rec, RelayRecord) != (relay_owner is not None):
+            # Relay writes come only from the HTPC's own key (agents may not publish on relay subjects), and an
+            # agent's key may not pass its records off as relay writes into its own or anyone's tables.
+            what = "a relay record" if isinstance(rec, RelayRecord) else "a change record"
+            return self._dead(item, owner, f"{what} may not be published on {item.subject!r}")
         header = RecordHeader.of(owner, rec)
         verdict = sequence(self.store.position(owner), header)
         if verdict is Verdict.DEAD_LETTER:

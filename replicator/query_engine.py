@@ -182,7 +182,17 @@ class QueryEngine:
         max_rows: int = 10_000,
         default_timeout_ms: int = 2_000,
         max_timeout_ms: int = 30_000,
+        max_result_bytes: int = 16 * 1024 * 1024,
+        max_value_bytes: int = 1024 * 1024,
+        max_value_read_bytes: int = 8 * 1024 * 1024,
+        max_concurrent: int = 2,
+        pool_size: int = 16,
     ) -> None:
+        self.max_result_bytes = max_result_bytes  # one answer, encoded
+        self.max_value_bytes = max_value_bytes  # a value produced by a query's functions
+        self.max_value_read_bytes = max_value_read_bytes  # a value stored centrally (bounded by the record size)
+        self.max_concurrent = max_concurrent  # queries one principal may run at once
+        self.pool_size = pool_size  # pooled read-only connections
         self.store = store
         self.consumer = consumer
         self._nc = nc

@@ -21,10 +21,10 @@ from agent_client import (
     RECORD_VERSION,
     RelayRecord,
     RelayRow,
-    changes_subject,
     encode_record,
     is_valid_agent_id,
     relay_msg_id,
+    relay_subject,
 )
 
 from .errors import (
@@ -91,7 +91,7 @@ class RelayWriter:
             raise NatsUnavailable("the HTPC is not connected to NATS; retry later")
         try:
             ack = await js.publish(
-                changes_subject(agent_id),
+                relay_subject(agent_id),
                 payload,
                 timeout=PUBLISH_TIMEOUT_S,
                 headers={"Nats-Msg-Id": relay_msg_id(agent_id, key)},

@@ -22,7 +22,15 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from agent_client import REPLICATOR_INBOX, STREAM_NAME, Backoff, ensure_stream, read_seed, reconnecting_options
+from agent_client import (
+    REPLICATOR_INBOX,
+    STREAM_NAME,
+    STREAM_SUBJECTS,
+    Backoff,
+    ensure_stream,
+    read_seed,
+    reconnecting_options,
+)
 
 from .auth import AuthStore
 from .central_store import CentralStore
@@ -160,29 +168,48 @@ class ReplicatorService:
             lambda: self.nc,
             max_rows=s.query_max_rows,
             default_timeout_ms=s.query_timeout_ms,
+            max_result_bytes=s.query_max_result_bytes,
+            max_value_bytes=s.query_max_value_bytes,
+            max_value_read_bytes=s.max_record_bytes,
+            max_concurrent=s.query_max_concurrent,
+            pool_size=s.query_pool_size,
         )
         if self.auth is not None:
             self.query_engine.may_read_on_demand = self.auth.may_read_on_demand
         log.info("replicator started: data %s, NATS %s", s.data_dir, self.nats_url)
 
     async def _check_replicas(self) -> int:
-        """Make AGENT_CHANGES have at least --stream-replicas (an agent may have created it with 1)."""
+        """Bring AGENT_CHANGES to what the HTPC needs, leaving every other setting as the operator made it.
+
+        - at least --stream-replicas (an agent may have created it with 1);
+        - both subjects (a stream made by an older version captures change records only, not relay writes);
+        - a bound on one message (--max-record-bytes) where the stream has none.
+        """
         assert self.js is not None
         info = await self.js.stream_info(STREAM_NAME)
-        have = info.config.num_replicas or 1
+        config = info.config
+        have = config.num_replicas or 1
         want = self.settings.stream_replicas
+        changes: list[str] = []
         if have < want:
-            config = info.config
             config.num_replicas = want
+            changes.append(f"replicas {have} -> {want}")
+        missing = [s for s in STREAM_SUBJECTS if s not in (config.subjects or [])]
+        if missing:
+            config.subjects = [*(config.subjects or []), *missing]
+            changes.append(f"subjects + {', '.join(missing)}")
+        if not config.max_msg_size or config.max_msg_size < 0:
+            config.max_msg_size = self.settings.max_record_bytes
+            changes.append(f"max message size {self.settings.max_record_bytes} bytes")
+        if changes:
             try:
                 info = await self.js.update_stream(config)
             except nats.js.errors.Error as exc:
                 raise StreamMisconfigured(
-                    f"stream {STREAM_NAME} has {have} replica(s) and could not be raised to {want}: {exc}"
+                    f"stream {STREAM_NAME} could not be updated ({'; '.join(changes)}): {exc}"
                 ) from exc
-            log.warning("stream %s raised from %d to %d replicas", STREAM_NAME, have, want)
-            have = info.config.num_replicas or want
-        return have
+            log.warning("stream %s updated: %s", STREAM_NAME, "; ".join(changes))
+        return info.config.num_replicas or want
 
     async def _watch_auth(self) -> None:
         """Pick up `replicator auth add-agent/revoke` made while serving: API tokens and NATS keys."""

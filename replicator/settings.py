@@ -9,6 +9,9 @@ from pydantic import BaseModel, Field
 
 from .data_dir import DataDir
 
+KIB = 1024
+MIB = 1024 * KIB
+
 
 def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"REPLICATOR_{name}", default)
@@ -28,6 +31,19 @@ class Settings(BaseModel):
     max_batch_records: int = Field(1000, ge=1)
     query_max_rows: int = Field(10_000, ge=1)
     query_timeout_ms: int = Field(2_000, ge=10)
+    # Isolation limits: what one agent, token or query may take (README "Security": threat model and limits).
+    max_record_bytes: int = Field(8 * MIB, ge=64 * KIB)  # one message in the stream (stream max_msg_size)
+    max_agent_bytes: int = Field(1024 * MIB, ge=MIB)  # one agent's central copy (SQLite max_page_count)
+    max_held_per_agent: int = Field(1_000, ge=10)  # records of one agent waiting for a missing one
+    dead_letter_payload_bytes: int = Field(64 * KIB, ge=0)  # bytes of a dead letter's payload kept
+    dead_letters_per_agent: int = Field(1_000, ge=1)  # dead letters kept per agent (oldest pruned)
+    query_max_result_bytes: int = Field(16 * MIB, ge=KIB)  # one /relay/query answer, encoded
+    query_max_value_bytes: int = Field(1 * MIB, ge=KIB)  # a value a query's functions may produce
+    query_max_concurrent: int = Field(2, ge=1)  # queries one principal may run at once
+    query_pool_size: int = Field(16, ge=1)  # pooled read-only connections (each holds open files)
+    http_request_timeout_s: float = Field(10.0, gt=0)  # a client must send its headers and body within this
+    http_max_header_bytes: int = Field(16 * KIB, ge=KIB)  # request line + headers
+    http_max_connections: int = Field(900, ge=10)  # open HTTP connections at once
     log_level: str = "warning"
     auth: str = Field("auto", pattern="^(auto|on|off)$")  # auto: on unless the API binds loopback only
     nats_seed_file: Path | None = None  # the replicator's nkey seed for an external, secured NATS

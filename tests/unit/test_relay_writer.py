@@ -99,6 +99,6 @@ async def test_publish_stores_once_per_idempotency_key(nats_server: NatsServer) 
         assert writer.published == 3
         msg = await js.get_msg(first["stream"], first["stream_seq"])
         assert msg.headers is not None and msg.headers["Nats-Msg-Id"] == relay_msg_id("a", "k1")
-        assert msg.subject == "agents.a.changes"
+        assert msg.subject == "agents.a.relay"
     finally:
         await nc.close()

@@ -9,6 +9,7 @@ from nats.js.api import AckPolicy, DeliverPolicy
 
 from agent_client import (
     CHANGES_SUBJECTS,
+    RELAY_SUBJECTS,
     REPLICATOR_INBOX,
     STREAM_SUBJECTS,
     Backoff,
@@ -18,6 +19,8 @@ from agent_client import (
     consumer_config,
     query_subject,
     read_seed,
+    relay_subject,
+    relay_subject_agent,
     subject_agent,
 )
 from agent_client.stream import CONSUMER_ACK_WAIT_S, CONSUMER_MAX_ACK_PENDING
@@ -27,10 +30,20 @@ from replicator.auth import AuthStore
 def test_subjects_round_trip_and_foreign_subjects_name_no_agent() -> None:
     assert changes_subject("a-1") == "agents.a-1.changes"
     assert query_subject("a-1") == "agents.a-1.query"
-    assert subject_agent(changes_subject("a-1")) == "a-1"
-    for subject in ("agents.a-1.query", "agents..changes", "agents.a.b.changes", "other.a.changes", ""):
+    assert relay_subject("a-1") == "agents.a-1.relay"
+    assert subject_agent(changes_subject("a-1")) == "a-1" == relay_subject_agent(relay_subject("a-1"))
+    assert subject_agent(relay_subject("a-1")) is None and relay_subject_agent(changes_subject("a-1")) is None
+    for subject in (
+        "agents.a-1.query",
+        "agents..changes",
+        "agents.a.b.changes",
+        "other.a.changes",
+        "agents..relay",
+        "",
+    ):
         assert subject_agent(subject) is None
-    assert STREAM_SUBJECTS == [CHANGES_SUBJECTS] == ["agents.*.changes"]
+        assert relay_subject_agent(subject) is None
+    assert STREAM_SUBJECTS == [CHANGES_SUBJECTS, RELAY_SUBJECTS] == ["agents.*.changes", "agents.*.relay"]
     assert agent_inbox_prefix("a-1") == "_INBOX_a-1" != REPLICATOR_INBOX
 
 
@@ -38,8 +51,15 @@ def test_nats_permissions_are_written_with_the_same_names(tmp_path: Path) -> Non
     store = AuthStore(tmp_path / "auth")
     store.add_agent("a-1")
     conf = store.nats_authorization_conf()
-    for name in (changes_subject("a-1"), query_subject("a-1"), agent_inbox_prefix("a-1") + ".>", CHANGES_SUBJECTS):
+    for name in (
+        changes_subject("a-1"),
+        query_subject("a-1"),
+        agent_inbox_prefix("a-1") + ".>",
+        CHANGES_SUBJECTS,
+        RELAY_SUBJECTS,
+    ):
         assert f'"{name}"' in conf
+    assert f'"{relay_subject("a-1")}"' not in conf  # only the replicator's key may publish relay writes
     assert f'"{REPLICATOR_INBOX}.>"' in conf
 
 
@@ -53,7 +73,7 @@ def test_one_consumer_config_for_serve_and_rebuild() -> None:
             CONSUMER_MAX_ACK_PENDING,
             -1,
         )
-        assert cfg.filter_subject == CHANGES_SUBJECTS
+        assert cfg.filter_subject is None and not cfg.filter_subjects  # every subject of the stream
     assert (serve.deliver_policy, serve.opt_start_seq) == (DeliverPolicy.ALL, None)
     assert (rebuild.deliver_policy, rebuild.opt_start_seq) == (DeliverPolicy.BY_START_SEQUENCE, 42)
 
