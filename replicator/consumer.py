@@ -219,10 +219,17 @@ class Consumer:
 
     # ------------------------------------------------------------ loop
     async def _subscribe(self) -> Any:
-        # Create the durable, or bring an existing one to this configuration (e.g. one made before the relay
-        # subject existed, filtered on change records only): JetStream updates a consumer's editable fields.
-        config = dataclasses.replace(self.config, name=self.durable)
-        await self.js.add_consumer(STREAM_NAME, config=config)
+        # Create the durable, or keep the existing one (rebuild may have set where it starts). One made before
+        # relay writes had their own subject filters on change records only: widen it to every subject.
+        try:
+            info = await self.js.consumer_info(STREAM_NAME, self.durable)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_consumer(STREAM_NAME, config=dataclasses.replace(self.config, name=self.durable))
+        else:
+            if info.config.filter_subject or info.config.filter_subjects:
+                widened = dataclasses.replace(info.config, filter_subject=None, filter_subjects=None)
+                await self.js.add_consumer(STREAM_NAME, config=widened)
+                log.warning("consumer %s: now reads every subject of %s", self.durable, STREAM_NAME)
         return await self.js.pull_subscribe_bind(durable=self.durable, stream=STREAM_NAME)
 
     async def run(self, *, until_idle: bool = False) -> None:
