@@ -208,6 +208,7 @@ class AuthStore:
                 js.format("STREAM.INFO"),
                 js.format("STREAM.CREATE"),
                 js.format("STREAM.UPDATE"),
+                js.format("STREAM.MSG.GET"),  # records remembered ahead of their turn are read back by sequence
                 js.format("CONSUMER.INFO") + ".>",
                 js.format("CONSUMER.CREATE") + ".>",
                 js.format("CONSUMER.DURABLE.CREATE") + ".>",

@@ -27,6 +27,11 @@ STATE_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS _cr_epochs (epoch TEXT PRIMARY KEY, retired_at REAL NOT NULL) WITHOUT ROWID",
     # Relay records carry no sequence: the stream sequences of those applied (and maybe not yet acked) dedup them.
     "CREATE TABLE IF NOT EXISTS _cr_relay_seen (stream_seq INTEGER PRIMARY KEY) WITHOUT ROWID",
+    # Records that arrived ahead of their turn (an earlier one is missing): acked in JetStream so they take no
+    # room in the consumer's ack-pending window, and read back from the stream by sequence once it is their turn.
+    "CREATE TABLE IF NOT EXISTS _cr_ahead (stream_seq INTEGER PRIMARY KEY, epoch TEXT, first_seq INTEGER NOT NULL,"
+    " last_seq INTEGER NOT NULL, arrived_at REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS _cr_ahead_turn ON _cr_ahead (epoch, first_seq)",
 )
 _TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_ ]{0,40}(\(\s*[+-]?\d{1,10}\s*(,\s*[+-]?\d{1,10}\s*)?\))?")
 
@@ -103,6 +108,41 @@ def load_retired(conn: sqlite3.Connection) -> frozenset[str]:
 
 def retire_epoch(conn: sqlite3.Connection, epoch: str, at: float) -> None:
     conn.execute("INSERT OR REPLACE INTO _cr_epochs (epoch, retired_at) VALUES (?, ?)", (epoch, at))
+
+
+def count_ahead(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM _cr_ahead").fetchone()[0])
+
+
+def add_ahead(conn: sqlite3.Connection, stream_seq: int, epoch: str | None, first: int, last: int, at: float) -> bool:
+    """Remember a record that came ahead of its turn; False if it was remembered already (a redelivery)."""
+    cur = conn.execute(
+        "INSERT OR IGNORE INTO _cr_ahead (stream_seq, epoch, first_seq, last_seq, arrived_at) VALUES (?, ?, ?, ?, ?)",
+        (stream_seq, epoch, first, last, at),
+    )
+    return cur.rowcount > 0
+
+
+def drop_ahead(conn: sqlite3.Connection, stream_seq: int) -> bool:
+    return conn.execute("DELETE FROM _cr_ahead WHERE stream_seq = ?", (stream_seq,)).rowcount > 0
+
+
+def drop_ahead_of_epoch(conn: sqlite3.Connection, epoch: str | None) -> int:
+    return conn.execute("DELETE FROM _cr_ahead WHERE epoch IS ?", (epoch,)).rowcount
+
+
+def due_ahead(conn: sqlite3.Connection, epoch: str | None, watermark: int, limit: int) -> list[int]:
+    """Stream sequences of remembered records whose turn has come (they start at or below watermark + 1)."""
+    rows = conn.execute(
+        "SELECT stream_seq FROM _cr_ahead WHERE epoch IS ? AND first_seq <= ? ORDER BY first_seq, stream_seq LIMIT ?",
+        (epoch, watermark + 1, limit),
+    )
+    return [int(r[0]) for r in rows]
+
+
+def oldest_ahead(conn: sqlite3.Connection) -> float | None:
+    row = conn.execute("SELECT min(arrived_at) FROM _cr_ahead").fetchone()
+    return float(row[0]) if row and row[0] is not None else None
 
 
 def agent_table_ddl(meta: TableMeta) -> str:

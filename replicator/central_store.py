@@ -46,6 +46,41 @@ from .store_view import AgentView, StoreView, TableView
 # Verdicts under which a record of the current epoch counts towards the highest sequence seen.
 _SEEN_AHEAD = (Verdict.APPLY, Verdict.GAP, Verdict.BLOCKED)
 
+# SQLite result codes (primary, `code & 0xff`) that say something about this machine, not about the record:
+# a full disk, an I/O error, no more file descriptors, memory, a lock. Applying again later can succeed, so
+# these are never a reason to dead-letter a record.
+_ENVIRONMENT_CODES = frozenset(
+    {
+        5,  # SQLITE_BUSY
+        6,  # SQLITE_LOCKED
+        7,  # SQLITE_NOMEM
+        8,  # SQLITE_READONLY
+        10,  # SQLITE_IOERR
+        11,  # SQLITE_CORRUPT
+        13,  # SQLITE_FULL
+        14,  # SQLITE_CANTOPEN
+        15,  # SQLITE_PROTOCOL
+    }
+)
+_PAGE_MARGIN_BYTES = 16 * 1024 * 1024
+
+
+def is_environment_error(exc: BaseException) -> bool:
+    """True for an error of the machine (disk full, I/O, too many open files), False for one of the data."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is None:
+            return isinstance(exc, sqlite3.OperationalError) and "disk" in str(exc)
+        return (code & 0xFF) in _ENVIRONMENT_CODES
+    return isinstance(exc, OSError | MemoryError)
+
+
+def _rejected(exc: sqlite3.Error, what: str) -> Exception:
+    """The record's fault (RecordRejected: dead-lettered) unless the machine's (re-raised as is: retried)."""
+    if is_environment_error(exc):
+        return exc
+    return RecordRejected(f"{what}: {exc}")
+
 
 def _decoded(values: list[Any]) -> list[SQLiteValue]:
     try:
@@ -57,15 +92,26 @@ def _decoded(values: list[Any]) -> list[SQLiteValue]:
 class AgentReplica:
     """The central copy of one agent: its SQLite file and its in-memory `ReplicaState`."""
 
-    def __init__(self, agent_id: str, path: Path) -> None:
+    def __init__(self, agent_id: str, path: Path, *, max_bytes: int | None = None, max_record_bytes: int = 0) -> None:
         self.agent_id = agent_id
         self.path = path
-        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA journal_mode = WAL")
-        self.conn.execute("PRAGMA synchronous = NORMAL")
-        self.conn.execute("PRAGMA busy_timeout = 5000")
-        self.conn.execute("PRAGMA foreign_keys = OFF")
-        schema.create_schema(self.conn)
+        self.max_bytes = max_bytes  # this agent's quota for its central copy (None: unbounded)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute("PRAGMA foreign_keys = OFF")
+            self.page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            if max_bytes is not None:
+                # A hard stop past the quota, never reached by a record the quota check let through.
+                hard = max_bytes + 2 * max_record_bytes + _PAGE_MARGIN_BYTES
+                conn.execute(f"PRAGMA max_page_count = {hard // self.page_size + 1}")
+            schema.create_schema(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self.conn = conn
         saved = schema.load_state(self.conn)
         watermark = int(saved.get("watermark", 0))
         self.state = ReplicaState(
@@ -78,6 +124,8 @@ class AgentReplica:
             records_applied=int(saved.get("records_applied", 0)),
             changes_applied=int(saved.get("changes_applied", 0)),
             blocked=saved.get("blocked"),
+            ahead=schema.count_ahead(self.conn),
+            ahead_since=schema.oldest_ahead(self.conn),
             tables=schema.load_tables(self.conn),
             retired=schema.load_retired(self.conn),
         )
@@ -102,6 +150,46 @@ class AgentReplica:
             and not (state.open_group and header.first_seq != state.watermark + 1)
         ):
             state.head_seq = max(state.head_seq, header.last_seq)
+
+    # -------------------------------------------------------------- records ahead of their turn
+    def keep_ahead(self, header: RecordHeader, stream_seq: int) -> None:
+        """Remember (in the open transaction) a record that must wait for an earlier one."""
+        now = time.time()
+        if schema.add_ahead(self.conn, stream_seq, header.epoch, header.first_seq, header.last_seq, now):
+            self.state.ahead += 1
+            self.state.ahead_since = self.state.ahead_since or now
+
+    def settle_ahead(self, stream_seq: int) -> None:
+        """A remembered record was applied, skipped or dead-lettered: forget it (in the open transaction)."""
+        if schema.drop_ahead(self.conn, stream_seq):
+            self.state.ahead -= 1
+            if not self.state.ahead:
+                self.state.ahead_since = None
+
+    def due_ahead(self, limit: int) -> list[int]:
+        """Stream sequences of remembered records whose turn has come, in order."""
+        if not self.state.ahead:
+            return []
+        return schema.due_ahead(self.conn, self.state.epoch, self.state.watermark, limit)
+
+    def used_bytes(self) -> int:
+        """Bytes of the agent's file in use (free pages are reused before the file grows)."""
+        pages = int(self.conn.execute("PRAGMA page_count").fetchone()[0])
+        free = int(self.conn.execute("PRAGMA freelist_count").fetchone()[0])
+        return (pages - free) * self.page_size
+
+    def check_quota(self, record: ChangeRecord | RelayRecord, record_bytes: int) -> None:
+        """Refuse a record that could take this agent's copy past its quota (deletions always pass)."""
+        if self.max_bytes is None:
+            return
+        if isinstance(record, ChangeRecord) and all(op in ("D", "X") for _seq, op, _l, _v in record.changes):
+            return
+        used = self.used_bytes()
+        if used + 2 * record_bytes > self.max_bytes:
+            raise RecordRejected(
+                f"agent {self.agent_id} is over its storage quota: {used} bytes used, this record may add up to "
+                f"{2 * record_bytes}, the limit is {self.max_bytes} (--max-agent-bytes)"
+            )
 
     def set_blocked(self, reason: str | None) -> None:
         """This agent's order is broken by a dead letter (reason), or no more (None); stored at commit."""
@@ -136,13 +224,22 @@ class AgentReplica:
         state.commit()
 
     def rollback(self) -> None:
-        """Undo the open transaction: its SQL and every in-memory change since `begin`."""
+        """Undo the open transaction: its SQL and every in-memory change since `begin`.
+
+        SQLite may have rolled the transaction back itself (a full disk does that); then there is
+        nothing left to undo in the file, only in memory.
+        """
         try:
-            if self.in_txn:
+            if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
         finally:
             self.state.rollback()
             self._stmt_cache.clear()
+
+    @property
+    def txn_lost(self) -> bool:
+        """SQLite ended our open transaction by itself (e.g. on a full disk): everything in it must be retried."""
+        return self.in_txn and not self.conn.in_transaction
 
     @contextmanager
     def record_savepoint(self) -> Iterator[None]:
@@ -152,9 +249,10 @@ class AgentReplica:
             with self.state.savepoint():
                 yield
         except BaseException:
-            self.conn.execute("ROLLBACK TO rec")
-            self.conn.execute("RELEASE rec")
             self._stmt_cache.clear()
+            if self.conn.in_transaction:  # else SQLite rolled everything back already: see txn_lost
+                self.conn.execute("ROLLBACK TO rec")
+                self.conn.execute("RELEASE rec")
             raise
         self.conn.execute("RELEASE rec")
 
@@ -186,7 +284,7 @@ class AgentReplica:
                 try:
                     self.conn.executemany(pending_sql, pending)
                 except sqlite3.Error as exc:
-                    raise RecordRejected(f"cannot apply rows: {exc}") from exc
+                    raise _rejected(exc, "cannot apply rows") from exc
                 pending, pending_sql = [], None
 
         applied = 0
@@ -231,6 +329,8 @@ class AgentReplica:
         if state.epoch is not None:
             schema.retire_epoch(self.conn, state.epoch, time.time())
             state.retired = state.retired | {state.epoch}
+            state.ahead -= schema.drop_ahead_of_epoch(self.conn, state.epoch)  # they can never be applied now
+            state.ahead_since = schema.oldest_ahead(self.conn) if state.ahead else None
         for name, meta in list(state.tables.items()):
             if meta.source == "agent":
                 self._forget_table(name)
@@ -270,18 +370,18 @@ class AgentReplica:
         try:
             self.conn.execute(f"DELETE FROM {q(layout.table)} WHERE {where}", key)
         except sqlite3.Error as exc:
-            raise RecordRejected(f"cannot delete from {layout.table}: {exc}") from exc
+            raise _rejected(exc, f"cannot delete from {layout.table}") from exc
 
     def _create_from_layout(self, layout: TableLayout) -> None:
         if not layout.columns or not layout.pk:
             raise RecordRejected(f"schema change for {layout.table!r} has no columns or no primary key")
         types = tuple(layout.types) or ("",) * len(layout.columns)
         meta = TableMeta(layout.table, "agent", "always", tuple(layout.columns), types, tuple(layout.pk), layout.sql)
-        self.conn.execute(f"DROP TABLE IF EXISTS {quote_identifier(layout.table)}")
         try:
+            self.conn.execute(f"DROP TABLE IF EXISTS {quote_identifier(layout.table)}")
             self.conn.execute(schema.agent_table_ddl(meta))
         except sqlite3.Error as exc:
-            raise RecordRejected(f"cannot create {layout.table!r}: {exc}") from exc
+            raise _rejected(exc, f"cannot create {layout.table!r}") from exc
         self._save_table(meta)
 
     def _announce(self, layout: TableLayout) -> None:
@@ -320,16 +420,22 @@ class AgentReplica:
         if meta is None:
             cols = tuple(values)
             meta = TableMeta(table, "relay", "always", cols, ("",) * len(cols), ("id",) if "id" in values else (), None)
-            self.conn.execute(schema.relay_table_ddl(meta))
+            try:
+                self.conn.execute(schema.relay_table_ddl(meta))
+            except sqlite3.Error as exc:
+                raise _rejected(exc, f"cannot create relay table {table!r}") from exc
             self._save_table(meta)
-        elif meta.visibility != "always":
-            raise RecordRejected(f"table {table!r} is {meta.visibility} on its agent and cannot be written here")
+        elif meta.source != "relay":
+            # The agent's own table: only its change records write it, or the central copy would differ
+            # from the agent's for good. (The API refuses this too, but only against what is applied.)
+            raise RecordRejected(f"table {table!r} belongs to agent {self.agent_id} and is written only by it")
         missing = [c for c in values if c not in meta.columns]
         if missing:
-            if meta.source != "relay":
-                raise RecordRejected(f"{table} has no column(s) {', '.join(missing)}")
-            for col in missing:
-                self.conn.execute(f"ALTER TABLE {q(table)} ADD COLUMN {q(col)}")
+            try:
+                for col in missing:
+                    self.conn.execute(f"ALTER TABLE {q(table)} ADD COLUMN {q(col)}")
+            except sqlite3.Error as exc:
+                raise _rejected(exc, f"cannot add columns to {table!r}") from exc
             meta = TableMeta(
                 table,
                 "relay",
@@ -346,7 +452,7 @@ class AgentReplica:
         try:
             self.conn.execute(upsert_sql(table, columns, meta.pk), [values[c] for c in columns])
         except sqlite3.Error as exc:
-            raise RecordRejected(f"cannot write relay row into {table}: {exc}") from exc
+            raise _rejected(exc, f"cannot write relay row into {table}") from exc
 
     # -------------------------------------------------------------- views
     def view(self) -> AgentView:
@@ -368,6 +474,8 @@ class AgentReplica:
             records_applied=done.records_applied,
             changes_applied=done.changes_applied,
             blocked=done.blocked,
+            waiting=done.ahead,
+            waiting_since=done.ahead_since,
             tables=MappingProxyType(
                 {
                     name: TableView(m.name, m.source, m.visibility, m.columns, m.types, m.pk, m.sql)
@@ -389,8 +497,10 @@ class CentralStore:
     the immutable snapshot published after each batch (`publish_view`).
     """
 
-    def __init__(self, data_dir: DataDir) -> None:
+    def __init__(self, data_dir: DataDir, *, max_agent_bytes: int | None = None, max_record_bytes: int = 0) -> None:
         self.data_dir = data_dir
+        self.max_agent_bytes = max_agent_bytes
+        self.max_record_bytes = max_record_bytes
         data_dir.agents.mkdir(parents=True, exist_ok=True)
         self.replicas: dict[str, AgentReplica] = {}
         for path in sorted(data_dir.agents.glob("*.db")):
@@ -433,7 +543,12 @@ class CentralStore:
         if rep is None:
             if not is_valid_agent_id(agent_id):
                 raise RecordRejected(f"invalid agent id {agent_id!r}")
-            rep = AgentReplica(agent_id, self.path_for(agent_id))
+            rep = AgentReplica(
+                agent_id,
+                self.path_for(agent_id),
+                max_bytes=self.max_agent_bytes,
+                max_record_bytes=self.max_record_bytes,
+            )
             self.replicas[agent_id] = rep
         return rep
 
@@ -441,13 +556,21 @@ class CentralStore:
         """Relay records at or below the consumer's ack floor are never redelivered: drop their dedup entries."""
         for rep in list(self.replicas.values()):
             if not rep.in_txn:
-                rep.conn.execute("DELETE FROM _cr_relay_seen WHERE stream_seq <= ?", (ack_floor,))
+                try:
+                    rep.conn.execute("DELETE FROM _cr_relay_seen WHERE stream_seq <= ?", (ack_floor,))
+                except sqlite3.Error:  # housekeeping only (e.g. a full disk): next time
+                    continue
 
     def agent_ids(self) -> list[str]:
         """The agents of the published view."""
         return self._view.agent_ids()
 
     def close(self) -> None:
-        for rep in self.replicas.values():
-            rep.close()
-        self.replicas.clear()
+        try:
+            for rep in self.replicas.values():
+                try:
+                    rep.close()
+                except sqlite3.Error:
+                    rep.conn.close()
+        finally:
+            self.replicas.clear()

@@ -25,9 +25,10 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -35,6 +36,7 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
+import orjson
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
@@ -86,10 +88,11 @@ class _Commit(enum.Enum):
 def _nats_action(verdict: Verdict, applied: _Applied | None, commit: _Commit | None) -> _Action:
     """Carry out the sequencer's verdict on a message, given how applying it and its agent's commit went."""
     if verdict is Verdict.DEAD_LETTER:
-        return _Action.TERM
+        # Terminated only once the dead letter is stored (FAILED: it could not be, so it comes back).
+        return _Action.NAK if applied is _Applied.FAILED else _Action.TERM
     if verdict in (Verdict.DUPLICATE, Verdict.STALE_EPOCH):
         return _Action.ACK
-    if verdict in (Verdict.GAP, Verdict.BLOCKED) or applied is not _Applied.WRITTEN:
+    if applied is not _Applied.WRITTEN:  # also a GAP / BLOCKED record that could not be remembered ahead
         return _Action.NAK
     if commit is _Commit.COMMITTED:
         return _Action.ACK
@@ -103,6 +106,24 @@ class _Item:
     subject: str
     data: bytes
     stream_seq: int | None
+    msg_id: str | None = None  # its Nats-Msg-Id header
+    ahead: bool = False  # read back from the stream: it was remembered as ahead of its turn (and acked then)
+    gone: str | None = None  # remembered ahead for this agent, but no longer in the stream
+
+
+def _is_pub_ack(data: bytes) -> bool:
+    """A JetStream publish acknowledgement (`{"stream": ..., "seq": ...}`) or API error stored as a message.
+
+    A client publishing with its reply subject set to an agent's subject makes JetStream deliver its
+    acknowledgement there, and the stream then stores it as if that agent had published it.
+    """
+    if not data.startswith(b"{") or len(data) > 4096:
+        return False
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(body, dict) and (("stream" in body and "seq" in body) or set(body) <= {"error", "type"})
 
 
 @dataclass(frozen=True)
@@ -119,6 +140,7 @@ class _BatchResult:
     actions: list[tuple[_Action, str | None]]  # (action, agent id) per message
     committed: list[str] = field(default_factory=list)  # agents whose transaction committed
     failed: list[str] = field(default_factory=list)  # agents whose commit failed (nak everything of theirs)
+    failing: set[str | None] = field(default_factory=set)  # agents with a failure of the machine in this batch
 
 
 @dataclass
@@ -132,6 +154,10 @@ class ConsumerStats:
     dead_letters: int = 0
     fetch_stalls: int = 0
     commit_failures: int = 0
+    apply_failures: int = 0  # records or commits that failed for the machine's sake (disk full, ...) and were retried
+    over_cap: int = 0  # records of an agent beyond --max-held-per-agent: terminated, the agent blocked
+    foreign: int = 0  # JetStream acknowledgements stored on an agent's subject (a reply= trick): dropped
+    msg_id_alarms: int = 0  # messages whose id is not their subject's agent's (an attempt at id squatting)
     apply_seconds: float = 0.0
     last_fetch_at: float | None = None
     last_apply_at: float | None = None
@@ -152,6 +178,7 @@ class Consumer:
         group_timeout: float = 20.0,
         deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
         opt_start_seq: int | None = None,
+        max_held_per_agent: int = 100_000,
     ) -> None:
         self.js = js
         self.store = store
@@ -164,7 +191,11 @@ class Consumer:
         self.group_timeout = group_timeout
         self.config = consumer_config(durable, deliver_policy=deliver_policy, opt_start_seq=opt_start_seq)
         self.ack_wait = float(self.config.ack_wait or 0.0)
+        self.max_held_per_agent = max_held_per_agent
         self.stats = ConsumerStats()
+        self.apply_failing_since: float | None = None  # wall time of the first failure in a row (None: applying)
+        self._failure_backoff = Backoff(nak_delay, 5.0)
+        self._failure_logged = 0.0
         self._relay_pruned = time.monotonic()
         self.running = False
         self.max_stream_seq = 0
@@ -178,8 +209,8 @@ class Consumer:
         self._task: asyncio.Task[None] | None = None
         self._sub: Any = None
         # Owned by the apply thread; the event loop reads only the immutable snapshots published after each batch.
-        self._parked: dict[str, set[int]] = defaultdict(set)  # stream seqs nak'ed behind a blocked agent's dead letter
-        self._parked_now: frozenset[int] = frozenset()  # those of agents still blocked (snapshot)
+        # Agents with records ahead of their turn (snapshot).
+        self._with_ahead = frozenset(a for a, rep in store.replicas.items() if rep.state.ahead)
         self._open_groups: Mapping[str, float] = MappingProxyType({})  # agent -> monotonic start (snapshot)
 
     # ------------------------------------------------------------ public
@@ -250,48 +281,101 @@ class Consumer:
                     self._sub = None
                     await asyncio.sleep(delay)
                     continue
-                await self._touch_held()
-                await self._expire_open_groups()  # also under load: other agents' traffic must not hide it
-                if msgs:
-                    await self._handle(msgs)
-                    if until_idle and self._all_parked(msgs) and await self._idle():
-                        return  # only records waiting behind a dead letter keep coming back
-                else:
-                    await self._forget_acked_relay()
-                    if until_idle and await self._idle():
+                try:
+                    await self._touch_held()
+                    await self._expire_open_groups()  # also under load: other agents' traffic must not hide it
+                    if msgs:
+                        await self._handle(msgs)
+                    else:
+                        await self._forget_acked_relay()
+                    await self._apply_due_ahead()
+                    if not msgs and until_idle and await self._idle():
                         return
+                except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.warning("consumer: %s; retrying", self.last_error)
+                    await asyncio.sleep(backoff.next())
+                except Exception as exc:  # never die: what was not acked is redelivered after ack_wait
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self.apply_failing_since = self.apply_failing_since or time.time()
+                    log.exception("consumer: unexpected failure; open transactions rolled back, retrying")
+                    with contextlib.suppress(Exception):
+                        await self._abandon_open_groups()
+                    await asyncio.sleep(backoff.next())
         finally:
             self.running = False
 
-    def _all_parked(self, msgs: list[Msg]) -> bool:
-        parked = self._parked_now
-        return all(m.reply and m.metadata.sequence.stream in parked for m in msgs)
-
     async def _idle(self) -> bool:
         info = await self._sub.consumer_info()
-        # Records waiting behind a dead letter stay unacked for good: they must not keep a rebuild from finishing.
-        return bool(info.num_pending == 0 and info.num_ack_pending <= len(self._parked_now) and not self._held)
+        return bool(info.num_pending == 0 and info.num_ack_pending == 0 and not self._held)
+
+    async def _apply_due_ahead(self) -> None:
+        """Apply the remembered records whose turn has come, reading them back from the stream by sequence."""
+        for _round in range(1_000):  # bounded: each round applies at least one record or stops
+            if not self._with_ahead:
+                return
+            loop = asyncio.get_running_loop()
+            due: list[tuple[str, int]] = await loop.run_in_executor(self._executor, self._due_ahead)
+            if not due:
+                return
+            items = await asyncio.gather(*(self._read_back(agent, seq) for agent, seq in due))
+            result = await loop.run_in_executor(self._executor, self._process_batch, list(items))
+            self._note_failures(result)
+            if result.committed:
+                async with self._applied_changed:
+                    self._applied_changed.notify_all()
+            if result.failing or all(action is _Action.NAK for action, _agent in result.actions):
+                return  # nothing moved (or it cannot, for now): the next fetch cycle tries again
+
+    async def _read_back(self, agent: str, stream_seq: int) -> _Item:
+        try:
+            msg = await self.js.get_msg(STREAM_NAME, stream_seq)
+        except nats.js.errors.NotFoundError:
+            return _Item("", b"", stream_seq, None, ahead=True, gone=agent)  # aged out of the stream
+        return _Item(msg.subject or "", msg.data or b"", stream_seq, (msg.headers or {}).get("Nats-Msg-Id"), True)
+
+    def _due_ahead(self) -> list[tuple[str, int]]:
+        due: list[tuple[str, int]] = []
+        for agent in self._with_ahead:
+            rep = self.store.replicas.get(agent)
+            if rep is not None:
+                due.extend((agent, seq) for seq in rep.due_ahead(self.batch - len(due)))
+            if len(due) >= self.batch:
+                break
+        return due
 
     async def _fetch(self) -> list[Msg]:
+        started = time.monotonic()
         try:
             msgs: list[Msg] = await asyncio.wait_for(
                 self._sub.fetch(self.batch, timeout=self.fetch_timeout), self.fetch_timeout + self.fetch_watchdog
             )
-        except nats.errors.TimeoutError:
-            msgs = []
-        except TimeoutError:
-            # The watchdog fired: fetch itself hung. Drop the subscription and bind again.
-            self.stats.fetch_stalls += 1
-            log.warning("consumer: fetch stalled for %.0fs; resubscribing", self.fetch_timeout + self.fetch_watchdog)
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
-            msgs = []
+        except TimeoutError:  # nats.errors.TimeoutError is one too; nats-py also raises the plain one when idle
+            if time.monotonic() - started < self.fetch_timeout + self.fetch_watchdog * 0.9:
+                msgs = []  # fetch's own deadline: nothing to deliver
+            else:
+                # The watchdog fired: fetch itself hung. Drop the subscription and bind again.
+                self.stats.fetch_stalls += 1
+                log.warning(
+                    "consumer: fetch stalled for %.0fs; resubscribing", self.fetch_timeout + self.fetch_watchdog
+                )
+                with contextlib.suppress(Exception):
+                    await self._sub.unsubscribe()
+                self._sub = None
+                msgs = []
         self.stats.last_fetch_at = time.time()
         return msgs
 
     async def _handle(self, msgs: list[Msg]) -> None:
-        items = [_Item(m.subject, m.data, m.metadata.sequence.stream if m.reply else None) for m in msgs]
+        items = [
+            _Item(
+                m.subject,
+                m.data,
+                m.metadata.sequence.stream if m.reply else None,
+                (m.headers or {}).get("Nats-Msg-Id"),
+            )
+            for m in msgs
+        ]
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         result = await loop.run_in_executor(self._executor, self._process_batch, items)
@@ -303,12 +387,13 @@ class Consumer:
         if result.committed:  # readers waiting for min_seq may go as soon as the data is committed
             async with self._applied_changed:
                 self._applied_changed.notify_all()
+        retry_delay = self._note_failures(result)
         acks: list[Any] = []
         for msg, (action, agent) in zip(msgs, result.actions, strict=True):
             if action is _Action.ACK:
                 acks.append(msg.ack())
             elif action is _Action.NAK:
-                acks.append(msg.nak(delay=self.nak_delay))
+                acks.append(msg.nak(delay=retry_delay if agent in result.failing else self.nak_delay))
             elif action is _Action.TERM:
                 acks.append(msg.term())
             elif action is _Action.HOLD and agent is not None:
@@ -316,7 +401,7 @@ class Consumer:
         for agent in result.committed:
             acks.extend(m.ack() for m in self._held.pop(agent, []))
         for agent in result.failed:
-            acks.extend(m.nak(delay=self.nak_delay) for m in self._held.pop(agent, []))
+            acks.extend(m.nak(delay=retry_delay) for m in self._held.pop(agent, []))
         for coro in acks:
             try:
                 await coro
@@ -324,6 +409,27 @@ class Consumer:
                 log.debug("ack failed: %r", exc)
         if self.on_batch is not None:
             self.on_batch(len(msgs))
+
+    def _note_failures(self, result: _BatchResult) -> float:
+        """Track failures of the machine (disk full, no file descriptors): the delay before their retry.
+
+        Logged when they start, at most every 30 s while they last, and when applying works again.
+        """
+        now = time.time()
+        if not result.failing:
+            if self.apply_failing_since is not None and result.committed:
+                log.warning("consumer: applying works again after %.0fs of failures", now - self.apply_failing_since)
+                self.apply_failing_since = None
+                self._failure_backoff.reset()
+            return self.nak_delay
+        if self.apply_failing_since is None:
+            self.apply_failing_since = now
+            log.error("consumer: cannot apply (%s); retrying with backoff", self.last_error)
+            self._failure_logged = now
+        elif now - self._failure_logged > 30:
+            log.error("consumer: still cannot apply after %.0fs (%s)", now - self.apply_failing_since, self.last_error)
+            self._failure_logged = now
+        return self._failure_backoff.next()
 
     async def _touch_held(self) -> None:
         """Keep held parts of an open multi-part transaction from being redelivered while we wait."""
@@ -383,7 +489,7 @@ class Consumer:
         self._publish(done, done)
         return done
 
-    def _publish(self, seen: Iterable[str], touched: Iterable[str]) -> None:
+    def _publish(self, seen: Collection[str], touched: Iterable[str]) -> None:
         """Publish what the event loop may read: the store view, open groups, parked messages."""
         self.store.publish_view(seen)
         groups = dict(self._open_groups)
@@ -394,21 +500,28 @@ class Consumer:
             else:
                 groups.pop(agent, None)
         self._open_groups = MappingProxyType(groups)
-        self._parked_now = frozenset(
-            seq
-            for agent, seqs in self._parked.items()
-            if (rep := self.store.replicas.get(agent)) is not None and rep.state.blocked is not None
-            for seq in seqs
-        )
+        with_ahead = set(self._with_ahead)
+        for agent in seen:
+            rep = self.store.replicas.get(agent)
+            if rep is not None and rep.state.ahead:
+                with_ahead.add(agent)
+            else:
+                with_ahead.discard(agent)
+        self._with_ahead = frozenset(with_ahead)
 
     def _process_batch(self, items: list[_Item]) -> _BatchResult:
         touched: dict[str, AgentReplica] = {}  # agents whose transaction this batch wrote into
         seen: set[str] = set()  # agents with any record in this batch
         steps = [self._process_one(item, touched, seen) for item in items]
         commits: dict[str, _Commit] = {}
+        failing: set[str | None] = {s.agent for s in steps if s.applied is _Applied.FAILED}
         for agent, rep in touched.items():
             if not rep.in_txn:
                 commits[agent] = _Commit.COMMITTED
+            elif rep.txn_lost:  # SQLite rolled it back itself (a full disk): all of it comes again
+                self.stats.commit_failures += 1
+                rep.rollback()
+                commits[agent] = _Commit.FAILED
             elif rep.state.open_group:
                 commits[agent] = _Commit.OPEN  # inside a multi-part transaction still open
             else:
@@ -418,30 +531,102 @@ class Consumer:
                 except Exception as exc:  # disk full, I/O error: nothing of this batch is lost, it is redelivered
                     self.stats.commit_failures += 1
                     self.last_error = f"commit for {agent} failed: {exc}"
-                    log.error("%s", self.last_error)
                     rep.rollback()
                     commits[agent] = _Commit.FAILED
+            if commits[agent] is _Commit.FAILED:
+                failing.add(agent)
+        self.stats.apply_failures += len(failing)
         result = _BatchResult(
             [(_nats_action(s.verdict, s.applied, commits.get(s.agent) if s.agent else None), s.agent) for s in steps],
             committed=[a for a, c in commits.items() if c is _Commit.COMMITTED],
             failed=[a for a, c in commits.items() if c is _Commit.FAILED],
+            failing=failing,
         )
         self._publish(seen, touched)  # readers on the event loop see this batch's commits from now on
         return result
 
     def _dead(self, item: _Item, agent: str | None, reason: str) -> _Step:
-        self.dead_letters.add(
-            agent_id=agent, subject=item.subject, stream_seq=item.stream_seq, reason=reason, payload=item.data
-        )
+        try:
+            self.dead_letters.add(
+                agent_id=agent, subject=item.subject, stream_seq=item.stream_seq, reason=reason, payload=item.data
+            )
+        except Exception as exc:  # it must be stored before the message is terminated: retry it later
+            self.last_error = f"cannot store a dead letter of {agent}: {exc}"
+            return _Step(Verdict.DEAD_LETTER, agent, _Applied.FAILED)
         self.stats.dead_letters += 1
         log.warning("dead letter (agent %s, stream seq %s): %s", agent, item.stream_seq, reason)
         return _Step(Verdict.DEAD_LETTER, agent)
 
+    def _gone(self, item: _Item, agent: str, touched: dict[str, AgentReplica], seen: set[str]) -> _Step:
+        """A record remembered ahead of its turn is no longer in the stream: forget it and block the agent."""
+        rep = self.store.replicas.get(agent)
+        if rep is None or item.stream_seq is None:
+            return _Step(Verdict.DEAD_LETTER, agent)
+        try:
+            rep.begin()
+            rep.settle_ahead(item.stream_seq)
+        except sqlite3.Error as exc:
+            self.last_error = f"cannot write the central copy of {agent}: {exc}"
+            return _Step(Verdict.DEAD_LETTER, agent, _Applied.FAILED)
+        touched[agent] = rep
+        seen.add(agent)
+        rep.set_blocked(f"a record that came ahead of its turn (stream seq {item.stream_seq}) is gone from the stream")
+        log.error("agent %s: %s", agent, rep.state.blocked)
+        return _Step(Verdict.DEAD_LETTER, agent)
+
+    def _hold(self, item: _Item, rep: AgentReplica, header: RecordHeader, touched: dict[str, AgentReplica]) -> _Step:
+        """A record that must wait for an earlier one: remember it and ack it, so it takes no room in the
+        consumer's ack-pending window (a flood of out-of-order records from one agent cannot stop the others).
+
+        At most `max_held_per_agent` records of one agent are remembered: past that the agent is blocked
+        (stored, shown everywhere) and its excess is terminated.
+        """
+        owner = rep.agent_id
+        self.stats.gaps += 1
+        if item.ahead:
+            return _Step(Verdict.GAP, owner)  # remembered already; still not its turn
+        if item.stream_seq is None:
+            return _Step(Verdict.GAP, owner)  # not from the durable consumer: nak'ed
+        try:
+            rep.begin()
+        except sqlite3.Error as exc:
+            self.last_error = f"cannot write the central copy of {owner}: {exc}"
+            return _Step(Verdict.GAP, owner, _Applied.FAILED)
+        touched[owner] = rep
+        if rep.state.ahead >= self.max_held_per_agent:
+            self.stats.over_cap += 1
+            if rep.state.blocked is None or not rep.state.blocked.startswith("over "):
+                rep.set_blocked(
+                    f"over {self.max_held_per_agent} records wait for a missing change after {rep.state.watermark} "
+                    f"(--max-held-per-agent); later ones are dropped until this agent is resynced"
+                )
+                log.error("agent %s: %s", owner, rep.state.blocked)
+            return _Step(Verdict.DEAD_LETTER, owner)  # terminated, not redelivered
+        try:
+            rep.keep_ahead(header, item.stream_seq)
+        except sqlite3.Error as exc:
+            self.last_error = f"cannot remember a record of {owner}: {exc}"
+            return _Step(Verdict.GAP, owner, _Applied.FAILED)
+        return _Step(Verdict.GAP, owner, _Applied.WRITTEN)
+
     def _process_one(self, item: _Item, touched: dict[str, AgentReplica], seen: set[str]) -> _Step:
+        if item.gone is not None:
+            return self._gone(item, item.gone, touched, seen)
         relay_owner = relay_subject_agent(item.subject)
         owner = relay_owner or subject_agent(item.subject)
         if owner is None:
             return self._dead(item, None, f"unexpected subject {item.subject!r}")
+        if item.msg_id is None and _is_pub_ack(item.data):
+            self.stats.foreign += 1  # not a record of `owner` at all: drop it, never count it against them
+            return _Step(Verdict.DUPLICATE, None)
+        own_prefix = f"relay:{owner}:" if relay_owner is not None else f"{owner}:"
+        if item.msg_id is not None and not item.msg_id.startswith(own_prefix):
+            # Only agent X's publisher makes ids "X:..." (and only the HTPC "relay:X:..."): a message id of
+            # another agent's form on X's subject is an attempt to make that agent's next record a duplicate.
+            self.stats.msg_id_alarms += 1
+            return self._dead(
+                item, owner, f"message id {item.msg_id[:100]!r} on {item.subject!r} is not {owner}'s (id squatting)"
+            )
         try:
             rec = decode_record(item.data)
         except RecordDecodeError as exc:
@@ -459,21 +644,42 @@ class Consumer:
             rep = self.store.replica(owner)
         except RecordRejected as exc:
             return self._dead(item, owner, str(exc))
+        except (sqlite3.Error, OSError) as exc:  # e.g. no file descriptor left to open its database: retry
+            self.last_error = f"cannot open the central copy of {owner}: {exc}"
+            return _Step(verdict, owner, _Applied.FAILED)
         seen.add(owner)
         rep.observe(header, verdict)
+        if verdict in (Verdict.GAP, Verdict.BLOCKED):
+            return self._hold(item, rep, header, touched)
+        if item.ahead:  # its turn came (or it is no longer needed): forget it in the same transaction
+            try:
+                rep.begin()
+                rep.settle_ahead(item.stream_seq or 0)
+            except sqlite3.Error as exc:
+                self.last_error = f"cannot write the central copy of {owner}: {exc}"
+                return _Step(verdict, owner, _Applied.FAILED)
+            touched[owner] = rep
         if verdict is Verdict.DUPLICATE:
             self.stats.duplicates += 1
             return _Step(verdict, owner)
         if verdict is Verdict.STALE_EPOCH:
             self.stats.stale += 1
             return _Step(verdict, owner)
-        if verdict in (Verdict.GAP, Verdict.BLOCKED):
-            self.stats.gaps += 1
-            if verdict is Verdict.BLOCKED and item.stream_seq is not None:
-                self._parked[owner].add(item.stream_seq)
-            return _Step(verdict, owner)
-        rep.begin()
+        try:
+            rep.begin()
+        except sqlite3.Error as exc:
+            self.last_error = f"cannot write the central copy of {owner}: {exc}"
+            return _Step(verdict, owner, _Applied.FAILED)
         touched[owner] = rep
+        try:
+            rep.check_quota(rec, len(item.data))
+        except RecordRejected as exc:
+            if isinstance(rec, ChangeRecord):
+                rep.set_blocked(f"changes {rec.first_seq}-{rec.last_seq} dead-lettered ({exc})")
+            return self._dead(item, owner, str(exc))
+        except sqlite3.Error as exc:
+            self.last_error = f"cannot read the size of {owner}'s central copy: {exc}"
+            return _Step(verdict, owner, _Applied.FAILED)
         try:
             with rep.record_savepoint():
                 if isinstance(rec, RelayRecord):
@@ -488,9 +694,9 @@ class Consumer:
                     f"changes {rec.first_seq}-{rec.last_seq} dead-lettered ({exc}); later changes wait behind them"
                 )
             return self._dead(item, owner, str(exc))
-        except Exception as exc:  # unexpected (I/O): roll back and retry later rather than lose it
-            self.last_error = f"apply failed for {owner}: {exc!r}"
-            log.error("%s", self.last_error)
+        except Exception as exc:  # the machine's fault (disk full, I/O): roll back and retry later, never lose it
+            self.last_error = f"apply failed for {owner}: {exc}"
+            log.debug("%s", self.last_error)
             return _Step(verdict, owner, _Applied.FAILED)
         if not written:
             self.stats.duplicates += 1  # a relay record applied before whose ack was lost
@@ -498,5 +704,4 @@ class Consumer:
         self.stats.applied += 1
         if isinstance(rec, ChangeRecord) and rep.state.blocked is not None:
             rep.set_blocked(None)  # the sequence moved on (e.g. a new epoch): no longer blocked
-            self._parked.pop(owner, None)
         return _Step(verdict, owner, _Applied.WRITTEN)

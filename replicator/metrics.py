@@ -13,6 +13,14 @@ _CONSUMER_COUNTERS = (
     ("dead_letters", "replicator_records_dead_letters_total", "Records sent to the dead-letter store"),
     ("fetch_stalls", "replicator_records_fetch_stalls_total", "Fetches cut off by the watchdog"),
     ("commit_failures", "replicator_records_commit_failures_total", "Central commits that failed and were retried"),
+    (
+        "apply_failures",
+        "replicator_apply_failures_total",
+        "Applies that failed for the machine's sake and were retried",
+    ),
+    ("over_cap", "replicator_records_over_cap_total", "Records beyond --max-held-per-agent, terminated"),
+    ("foreign", "replicator_foreign_messages_total", "JetStream acknowledgements found on an agent subject, dropped"),
+    ("msg_id_alarms", "replicator_msg_id_alarms_total", "Messages carrying another agent's message id"),
 )
 
 
@@ -45,6 +53,18 @@ def render_metrics(status: Status) -> str:
         "replicator_dead_letters", "gauge", "Records in the dead-letter store", [({}, float(status.dead_letter_total))]
     )
     metric(
+        "replicator_dead_letters_pruned_total",
+        "counter",
+        "Dead letters dropped to keep each agent within --dead-letters-per-agent",
+        [({}, float(status.dead_letters_pruned))],
+    )
+    metric(
+        "replicator_apply_failing",
+        "gauge",
+        "1 while the consumer cannot apply (disk full, no file descriptors, ...)",
+        [({}, 0.0 if status.apply_failing_since is None else 1.0)],
+    )
+    metric(
         "replicator_nats_connected",
         "gauge",
         "1 while connected to NATS",
@@ -68,6 +88,18 @@ def render_metrics(status: Status) -> str:
         "gauge",
         "Changes seen but not yet applied per agent",
         [({"agent": a.agent_id}, float(a.lag_changes)) for a in agents],
+    )
+    metric(
+        "replicator_agent_waiting_records",
+        "gauge",
+        "Records per agent that came ahead of their turn, waiting for an earlier one",
+        [({"agent": a.agent_id}, float(a.waiting)) for a in agents],
+    )
+    metric(
+        "replicator_agent_blocked",
+        "gauge",
+        "1 while an agent's replication is blocked (see /relay/agents for the reason)",
+        [({"agent": a.agent_id}, 1.0 if a.blocked else 0.0) for a in agents],
     )
     metric(
         "replicator_agent_seconds_since_seen",

@@ -28,6 +28,8 @@ class ReplicaState:
     records_applied: int = 0
     changes_applied: int = 0
     blocked: str | None = None  # why later changes wait behind a dead letter, or None
+    ahead: int = 0  # records remembered because they came ahead of their turn (see _cr_ahead)
+    ahead_since: float | None = None  # when the oldest of them arrived (None when there are none)
     tables: dict[str, TableMeta] = field(default_factory=dict)
     retired: frozenset[str] = frozenset()  # epochs replaced by a newer agent database
     open_group: bool = False  # inside a multi-part transaction (a part with final=False was applied)

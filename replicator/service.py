@@ -141,13 +141,17 @@ class ReplicatorService:
 
     def open_store(self) -> tuple[CentralStore, DeadLetterStore]:
         """The central store and the dead-letter store of the data directory."""
-        self.store = CentralStore(self.data)
-        self.dead_letters = DeadLetterStore(self.data.dead_letters_db)
+        s = self.settings
+        self.store = CentralStore(self.data, max_agent_bytes=s.max_agent_bytes, max_record_bytes=s.max_record_bytes)
+        self.dead_letters = DeadLetterStore(
+            self.data.dead_letters_db, payload_bytes=s.dead_letter_payload_bytes, per_agent=s.dead_letters_per_agent
+        )
         return self.store, self.dead_letters
 
     def new_consumer(self, durable: str, **options: Any) -> Consumer:
         """A consumer applying the stream to the open store (`options`: Consumer's keyword arguments)."""
         assert self.js is not None and self.store is not None and self.dead_letters is not None
+        options.setdefault("max_held_per_agent", self.settings.max_held_per_agent)
         return Consumer(self.js, self.store, self.dead_letters, durable=durable, **options)
 
     async def start(self) -> None:
@@ -255,10 +259,15 @@ class ReplicatorService:
                 await asyncio.wait_for(self.nc.drain(), 5)
         if self.embedded is not None:
             await self.embedded.stop()
-        if self.query_engine is not None:
-            self.query_engine.close()
-        if self.store is not None:
-            self.store.close()
-        if self.dead_letters is not None:
-            self.dead_letters.close()
+        for part, close in (
+            ("query engine", self.query_engine.close if self.query_engine is not None else None),
+            ("central store", self.store.close if self.store is not None else None),
+            ("dead-letter store", self.dead_letters.close if self.dead_letters is not None else None),
+        ):
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception as exc:  # e.g. after a full disk: what is committed is safe; say so and go on
+                log.error("closing the %s: %s", part, exc)
         log.info("replicator stopped")

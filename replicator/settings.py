@@ -34,7 +34,7 @@ class Settings(BaseModel):
     # Isolation limits: what one agent, token or query may take (README "Security": threat model and limits).
     max_record_bytes: int = Field(8 * MIB, ge=64 * KIB)  # one message in the stream (stream max_msg_size)
     max_agent_bytes: int = Field(1024 * MIB, ge=MIB)  # one agent's central copy (SQLite max_page_count)
-    max_held_per_agent: int = Field(1_000, ge=10)  # records of one agent waiting for a missing one
+    max_held_per_agent: int = Field(100_000, ge=10)  # records of one agent remembered while one is missing
     dead_letter_payload_bytes: int = Field(64 * KIB, ge=0)  # bytes of a dead letter's payload kept
     dead_letters_per_agent: int = Field(1_000, ge=1)  # dead letters kept per agent (oldest pruned)
     query_max_result_bytes: int = Field(16 * MIB, ge=KIB)  # one /relay/query answer, encoded

@@ -40,6 +40,8 @@ def agent_status(agent: AgentView, *, dead_letters: int, now: float) -> dict[str
         "tables": agent.tables_by_visibility(),
         "dead_letters": dead_letters,
         "blocked": agent.blocked,
+        "waiting_records": agent.waiting,
+        "waiting_since": agent.waiting_since,
     }
 
 
@@ -57,6 +59,8 @@ class Status:
     durable: str = "replicator"
     consumer: ConsumerStats | None = None
     consumer_error: str | None = None
+    apply_failing_since: float | None = None  # the consumer cannot apply (disk full, ...) since then
+    dead_letters_pruned: int = 0
     auth: bool = False
     stream_replicas: int | None = None
     relay_published: int = 0
@@ -64,8 +68,8 @@ class Status:
 
     @property
     def healthy(self) -> bool:
-        """NATS is connected and the consumer runs (what `/ready` and `/health` call ok)."""
-        return self.nats_connected and self.consumer_running
+        """NATS is connected, the consumer runs and can apply (what `/ready` and `/health` call ok)."""
+        return self.nats_connected and self.consumer_running and self.apply_failing_since is None
 
     @property
     def dead_letter_total(self) -> int:
@@ -97,6 +101,7 @@ class Status:
                 "durable": self.durable,
                 "last_fetch_at": self.consumer.last_fetch_at if self.consumer is not None else None,
                 "last_error": self.consumer_error,
+                "apply_failing_since": self.apply_failing_since,
             },
             "auth": self.auth,
             "stream_replicas": self.stream_replicas,
@@ -125,6 +130,8 @@ def service_status(service: ReplicatorService) -> Status:
         durable=service.settings.durable,
         consumer=copy.copy(consumer.stats) if consumer is not None else None,
         consumer_error=consumer.last_error if consumer is not None else None,
+        apply_failing_since=consumer.apply_failing_since if consumer is not None else None,
+        dead_letters_pruned=service.dead_letters.pruned if service.dead_letters is not None else 0,
         auth=service.auth is not None,
         stream_replicas=service.stream_replicas,
         relay_published=service.relay_writer.published,

@@ -40,6 +40,8 @@ class AgentView:
     changes_applied: int
     blocked: str | None  # why this agent's later changes wait (a dead letter in its sequence), or None
     tables: Mapping[str, TableView] = field(default_factory=lambda: MappingProxyType({}))
+    waiting: int = 0  # records that came ahead of their turn, waiting for an earlier one
+    waiting_since: float | None = None  # when the oldest of them arrived
 
     @property
     def lag_changes(self) -> int:

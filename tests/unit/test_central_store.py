@@ -290,9 +290,10 @@ def test_a_duplicate_relay_stream_seq_is_not_applied_twice(store: CentralStore) 
         (("notes", {"x; DROP": 1}), "invalid column name"),
         (("notes", {"id": 2**64}), "64 bits"),
         (("notes", {"id": float("nan")}), "finite"),
-        (("items", {"id": 9, "name": "x"}), None),  # agent table: allowed (its columns exist)
-        (("items", {"id": 9, "nick": "x"}), "has no column"),
-        (("secrets", {"k": "x"}), "on_demand"),
+        (("log", {"line": "a relay table of its own"}), None),
+        (("items", {"id": 9, "name": "x"}), "belongs to agent"),  # the agent's table: only its records write it
+        (("items", {"id": 9, "nick": "x"}), "belongs to agent"),
+        (("secrets", {"k": "x"}), "belongs to agent"),
     ],
 )
 def test_relay_rejections_leave_state_and_data_unchanged(
@@ -306,7 +307,8 @@ def test_relay_rejections_leave_state_and_data_unchanged(
         with rep.record_savepoint():
             rep.apply_relay(relay(row), 1)
         rep.commit()
-        assert rows(rep.path, "SELECT id, name FROM items WHERE id = 9") == [(9, "x")]
+        assert rows(rep.path, "SELECT line FROM log") == [("a relay table of its own",)]
+        assert rows(rep.path, "SELECT count(*) FROM items WHERE id = 9") == [(0,)]
         return
     with pytest.raises(RecordRejected, match=reason), rep.record_savepoint():
         rep.apply_relay(relay(("notes", {"id": 1, "text": "first row is fine"}), row), 1)

@@ -48,6 +48,8 @@ def mutate(state: ReplicaState) -> None:
     state.retired = state.retired | {"aaaaaaaa"}
     state.open_group = True
     state.group_started = 55.0
+    state.ahead += 3
+    state.ahead_since = 300.0
 
 
 def test_mutate_changes_every_field() -> None:

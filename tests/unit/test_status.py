@@ -80,6 +80,8 @@ def test_agents_in_id_order_with_lag_dead_letters_and_blocked() -> None:
         "tables",
         "dead_letters",
         "blocked",
+        "waiting_records",
+        "waiting_since",
     ]
 
 
