@@ -10,11 +10,8 @@ raises the limit, and then nothing is missing.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sqlite3
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -22,27 +19,11 @@ import pytest
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
 from agent_client import STREAM_NAME, AgentStorage, FlushTimeout, Migration, StorageFull
+from tests.support.faults import small_tmpfs
 from tests.support.nats_server import NatsServer
 from tests.support.stream_reader import assert_exactly_once, read_agent_stream
 
 SCHEMA = [Migration(1, "CREATE TABLE docs (id INTEGER PRIMARY KEY, body TEXT)")]
-
-
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: str) -> Iterator[bool]:
-    """Mount a tmpfs of `size` at `path`; yields False (nothing mounted) when that is not permitted."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        yield False
-        return
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if done.returncode != 0:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def _count(db: Path) -> int:
