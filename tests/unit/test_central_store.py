@@ -383,3 +383,88 @@ def test_observe_tracks_the_highest_sequence_seen_of_the_current_epoch(store: Ce
         rep.apply_changes(record(4, [("U", 0, [3, "x", None])], final=False))
     assert seen(7, 12) == 9  # not the next part of the open transaction
     assert seen(5, 11) == 11
+
+
+# ---------------------------------------------------------------- records ahead of their turn
+def test_records_ahead_are_remembered_once_and_due_in_order(store: CentralStore, tmp_path: Path) -> None:
+    rep = created(store)  # watermark 3
+    rep.begin()
+    for stream_seq, first in ((50, 7), (40, 5), (45, 6), (40, 5)):  # the last one is a redelivery
+        rep.keep_ahead(RecordHeader.of(AGENT, record(first, [("U", 0, [first, "x", None])])), stream_seq)
+    rep.commit()
+    assert rep.state.ahead == 3 and rep.state.ahead_since is not None
+    assert rep.due_ahead(10) == []  # change 4 is missing: none is due
+    apply(rep, record(4, [("U", 0, [4, "four", None])]))
+    assert rep.due_ahead(10) == [40]  # only the next one: the others follow it
+    apply(rep, record(5, [("U", 0, [5, "five", None])]))
+    rep.begin()
+    rep.settle_ahead(40)
+    rep.commit()
+    assert rep.due_ahead(10) == [45]
+    reopened = CentralStore(DataDir(tmp_path))  # remembered across a restart
+    try:
+        assert reopened.replica(AGENT).state.ahead == 2
+    finally:
+        reopened.close()
+
+
+def test_a_rolled_back_settle_keeps_the_record_remembered(store: CentralStore) -> None:
+    rep = created(store)
+    rep.begin()
+    rep.keep_ahead(RecordHeader.of(AGENT, record(5, [("U", 0, [5, "x", None])])), 9)
+    rep.commit()
+    rep.begin()
+    rep.settle_ahead(9)
+    assert rep.state.ahead == 0 and rep.state.ahead_since is None
+    rep.rollback()
+    assert rep.state.ahead == 1 and rows(rep.path, "SELECT stream_seq FROM _cr_ahead") == [(9,)]
+
+
+def test_a_new_epoch_forgets_the_old_epochs_records_ahead(store: CentralStore) -> None:
+    rep = created(store)
+    rep.begin()
+    rep.keep_ahead(RecordHeader.of(AGENT, record(9, [("U", 0, [9, "x", None])])), 90)
+    rep.keep_ahead(RecordHeader.of(AGENT, record(2, [("U", 0, [2, "y", None])], epoch=EPOCH2)), 91)
+    rep.commit()
+    apply(rep, record(1, [("S", 0, [])], epoch=EPOCH2))
+    assert rep.state.ahead == 1 and rep.due_ahead(10) == [91]
+
+
+# ---------------------------------------------------------------- quota and the machine's errors
+def test_the_quota_refuses_what_could_pass_it_and_lets_deletions_through(tmp_path: Path) -> None:
+    store = CentralStore(DataDir(tmp_path), max_agent_bytes=1024 * 1024, max_record_bytes=64 * 1024)
+    try:
+        rep = created(store)
+        big = record(4, [("U", 0, [4, "x" * 300_000, None])])
+        rep.check_quota(big, 300_000)  # 2 x 300 KB fits in 1 MiB next to what is there
+        apply(rep, big)
+        assert rep.used_bytes() > 300_000
+        with pytest.raises(RecordRejected, match="over its storage quota"):
+            rep.check_quota(record(5, [("U", 0, [5, "y" * 400_000, None])]), 400_000)
+        rep.check_quota(record(5, [("D", 0, [4])]), 10_000_000)  # a deletion always passes
+        assert int(rows(rep.path, "PRAGMA max_page_count")[0][0]) > 0
+    finally:
+        store.close()
+
+
+def test_errors_of_the_machine_are_retried_and_errors_of_the_record_are_rejected() -> None:
+    from replicator.central_store import is_environment_error
+
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = 13  # type: ignore[attr-defined]
+    constraint = sqlite3.IntegrityError("NOT NULL constraint failed")
+    constraint.sqlite_errorcode = 1299  # type: ignore[attr-defined]
+    assert is_environment_error(full) and is_environment_error(OSError(24, "Too many open files"))
+    assert not is_environment_error(constraint) and not is_environment_error(ValueError("x"))
+
+
+def test_sqlite_rolling_back_by_itself_is_noticed_and_rollback_still_works(store: CentralStore) -> None:
+    rep = created(store)
+    rep.begin()
+    with rep.record_savepoint():
+        rep.apply_changes(record(4, [("U", 0, [4, "four", None])]))
+    rep.conn.execute("ROLLBACK")  # what SQLite does itself on a full disk
+    assert rep.txn_lost
+    rep.rollback()  # no "no transaction is active"
+    assert not rep.in_txn and rep.state.watermark == 3
+    assert rows(rep.path, "SELECT count(*) FROM items WHERE id = 4") == [(0,)]
