@@ -353,7 +353,7 @@ class AgentStorage:
 
     # ------------------------------------------------------------------ health
     async def health_check(self) -> dict[str, Any]:
-        """Storage health: local db, NATS link, backlog, last publish, tables by visibility."""
+        """Storage health: local db, NATS link, backlog, last publish, message id collisions, tables by visibility."""
         self._check_open()
         local: dict[str, Any] = {"path": str(self.db_path)}
         try:
@@ -389,6 +389,10 @@ class AgentStorage:
             "acked_seq": pub.acked_seq if pub else None,
             "records_published": pub.records_published if pub else 0,
             "last_publish_at": pub.last_publish_at if pub else None,
+            # PubAcks that said `duplicate` for a record this agent never published: another message held its
+            # id. The record was kept and published again under a fresh id; non-zero means look at the HTPC.
+            "msg_id_collisions": pub.msg_id_collisions if pub else 0,
+            "last_msg_id_collision": pub.last_msg_id_collision if pub else None,
             "tables": by_vis,
             "unreplicated_tables": by_vis["on_demand"] + by_vis["private"],
             "checked_at": time.time(),

@@ -14,6 +14,14 @@ grow. A closed group is published as one record (or as parts of one central
 transaction), which keeps both atomicity and deterministic `Nats-Msg-Id`s
 across restarts.
 
+Message ids: `_cr_secret` holds 32 random bytes made once per database (at
+the first open, or the first open by a build that knows it). They key the
+HMAC in every record's `Nats-Msg-Id` (change_record.msg_id), so ids stay
+stable across restarts and nobody without the database can compute them.
+The secret is never published nor shown. `_cr_msg_nonce` remembers the
+fresh id of a record whose own id JetStream reported as already taken (see
+publisher.py), until the record is trimmed.
+
 Which tables are captured, and with which layout, is the catalog's business
 (`catalog.py`); this module only takes plain names and layout ids. All
 functions are synchronous and take a `sqlite3.Connection`; they run on the
@@ -22,10 +30,12 @@ connection's own thread.
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .errors import LocalDatabaseError
 from .identifiers import quote_identifier
 from .statements import split_statements
 
@@ -50,6 +60,17 @@ CREATE TABLE IF NOT EXISTS _cr_log (
 );
 """
 
+#: Bytes of the message id secret in `_cr_secret`.
+SECRET_BYTES = 32
+_SECRET_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS _cr_secret "
+    "(id INTEGER PRIMARY KEY CHECK (id = 1), key BLOB NOT NULL CHECK (length(key) >= 16))"
+)
+_NONCE_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS _cr_msg_nonce "
+    "(first INTEGER NOT NULL, last INTEGER NOT NULL, nonce TEXT NOT NULL, PRIMARY KEY (first, last)) WITHOUT ROWID"
+)
+
 #: Closes the open transaction group (run by the publisher through the writer queue).
 CLOSE_GROUP_SQL = "UPDATE _cr_clock SET tx = tx + 1 WHERE id = 1"
 
@@ -58,9 +79,38 @@ LogRow = tuple[Any, ...]
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
-    """Create `_cr_clock` and `_cr_log` if missing, inside the caller's transaction."""
+    """Create `_cr_clock`, `_cr_log` and `_cr_secret` (with a new secret) if missing, in the caller's transaction."""
     for stmt in split_statements(LOG_SCHEMA):
         conn.execute(stmt)
+    conn.execute(_SECRET_SCHEMA)
+    conn.execute(_NONCE_SCHEMA)
+    conn.execute("INSERT OR IGNORE INTO _cr_secret (id, key) VALUES (1, ?)", (secrets.token_bytes(SECRET_BYTES),))
+
+
+def msg_id_secret(conn: sqlite3.Connection) -> bytes:
+    """The key of this database's message ids (made by `create_schema`; never leaves the database)."""
+    row = conn.execute("SELECT key FROM _cr_secret WHERE id = 1").fetchone()
+    if row is None or not isinstance(row[0], bytes):
+        raise LocalDatabaseError("the change log has no message id secret (_cr_secret): reopen the storage")
+    return row[0]
+
+
+def msg_id_nonces(conn: sqlite3.Connection) -> dict[tuple[int, int], str]:
+    """The fresh-id nonces of records still in the log, keyed by (first, last) seq."""
+    return {(int(r[0]), int(r[1])): str(r[2]) for r in conn.execute("SELECT first, last, nonce FROM _cr_msg_nonce")}
+
+
+def save_msg_id_nonces(conn: sqlite3.Connection, nonces: Mapping[tuple[int, int], str]) -> None:
+    """Remember fresh-id nonces (before the record is published under its fresh id)."""
+    conn.executemany(
+        "INSERT OR REPLACE INTO _cr_msg_nonce (first, last, nonce) VALUES (?, ?, ?)",
+        [(first, last, nonce) for (first, last), nonce in nonces.items()],
+    )
+
+
+def forget_msg_id_nonces(conn: sqlite3.Connection, acked: int) -> None:
+    """Drop the nonces of records acknowledged up to `acked` (they are never published again)."""
+    conn.execute("DELETE FROM _cr_msg_nonce WHERE last <= ?", (acked,))
 
 
 # ---------------------------------------------------------------------- capture

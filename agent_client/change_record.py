@@ -12,12 +12,14 @@ REALs `{"f": "inf"|"-inf"|"nan"}` and TEXT whose bytes are not UTF-8
 This module is the only place that knows the layout of a record: the
 publisher builds its bytes with `change_json`, `layout_json` and
 `change_record_bytes`, the replicator reads them with `decode_record` and
-`decode_values`, and every message id is made by `msg_id`/`relay_msg_id`.
+`decode_values`, and every message id is made by `msg_id`/`relay_msg_id` (keyed: see there).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -313,11 +315,34 @@ def change_record_bytes(
     return b"".join((header[:-1], b',"layouts":{', layouts, b'},"changes":[', b",".join(changes_json), b"]}"))
 
 
-def msg_id(agent_id: str, epoch: str, first_seq: int, last_seq: int) -> str:
-    """The JetStream dedup id of a change record: the same changes always get the same id."""
-    return f"{agent_id}:{epoch}:{first_seq}-{last_seq}"
+#: Hex characters of the MAC in a message id (128 bits): unguessable without the secret.
+MSG_ID_MAC_HEX = 32
+#: The shortest secret a message id may be keyed with.
+MIN_SECRET_BYTES = 16
 
 
-def relay_msg_id(agent_id: str, idempotency_key: str) -> str:
-    """The JetStream dedup id of a relay write: the same Idempotency-Key always gets the same id."""
-    return f"relay:{agent_id}:{idempotency_key}"
+def _mac(secret: bytes, text: str) -> str:
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"a message id secret needs at least {MIN_SECRET_BYTES} bytes")
+    return hmac.new(secret, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:MSG_ID_MAC_HEX]
+
+
+def msg_id(agent_id: str, epoch: str, first_seq: int, last_seq: int, *, secret: bytes, nonce: str | None = None) -> str:
+    """The JetStream dedup id of a change record: `<agent_id>:<mac>`.
+
+    `mac` is HMAC-SHA256(secret, "<epoch>:<first>-<last>") in hex, cut to 32 characters; `secret` is the agent
+    database's own (change_log.msg_id_secret). The same changes always get the same id, and nobody without the
+    secret can compute it (JetStream deduplicates over the whole stream, so a guessable id could be taken by
+    another agent first). A `nonce` gives the same changes a fresh id (after a duplicate PubAck nobody earned).
+    """
+    text = f"{epoch}:{first_seq}-{last_seq}" if nonce is None else f"{epoch}:{first_seq}-{last_seq}:{nonce}"
+    return f"{agent_id}:{_mac(secret, text)}"
+
+
+def relay_msg_id(agent_id: str, idempotency_key: str, *, secret: bytes) -> str:
+    """The JetStream dedup id of a relay write: `relay:<agent_id>:<mac>`.
+
+    `mac` is HMAC-SHA256(secret, agent_id + NUL + idempotency_key) in hex, cut to 32 characters; `secret` is
+    the HTPC's own. The same Idempotency-Key of the same agent always gets the same id; no agent can compute it.
+    """
+    return f"relay:{agent_id}:{_mac(secret, agent_id + chr(0) + idempotency_key)}"

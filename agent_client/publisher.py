@@ -8,6 +8,15 @@ content, so a record re-sent after a crash gets the same `Nats-Msg-Id` and
 JetStream drops the copy. Several records are in flight at once; on any
 failure the publisher goes back to the first unacknowledged change. Log rows
 are deleted only after their PubAck.
+
+Message ids are keyed with the database's secret (change_record.msg_id), and
+a PubAck saying `duplicate` is believed only when this publisher may itself
+have stored that id before: a send of this process whose outcome it never
+learnt, or a record already in the log when it started (a send made before a
+crash). Any other duplicate is a collision, someone else's message holding
+the id: the record is kept, published again under a fresh id (its nonce is
+saved first, so a crash cannot lose it either), counted and reported by
+`health_check()`. The HTPC drops a true copy by its sequence numbers.
 """
 
 from __future__ import annotations
@@ -16,10 +25,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nats.js.api import PubAck
 
@@ -50,12 +61,17 @@ class _Chunk:
 class _InFlight:
     first: int
     last: int
+    msg_id: str
     future: asyncio.Future[PubAck]
     deadline: float
 
 
 class PublishFailed(Exception):
     """Internal: a publish failed or timed out; rewind to the first unacknowledged change."""
+
+
+class MsgIdCollision(PublishFailed):
+    """Internal: JetStream called a record a duplicate of a message this publisher never stored."""
 
 
 class Publisher:
@@ -91,6 +107,16 @@ class Publisher:
         self.last_publish_at: float | None = None
         self.last_error: str | None = None
         self.records_published = 0
+        #: duplicate PubAcks believed (a resend of something this publisher may have stored before)
+        self.duplicates_acked = 0
+        #: duplicate PubAcks for ids this publisher never stored: someone else's message held the id
+        self.msg_id_collisions = 0
+        self.last_msg_id_collision: dict[str, Any] | None = None
+        self._secret = b""
+        self._open_last = 0  # newest seq in the log at start: records up to it may have been sent before
+        self._maybe_stored: dict[str, int] = {}  # ids sent whose outcome is unknown -> the record's last seq
+        self._fresh: dict[tuple[int, int], str] = {}  # (first, last) -> nonce of a record's fresh id
+        self._unsaved: dict[tuple[int, int], str] = {}  # fresh-id nonces not yet in the database
         self._trimmed_seq = 0
         self._last_trim = 0.0
         self._reader: SQLiteThread | None = None
@@ -112,6 +138,9 @@ class Publisher:
     async def start(self) -> None:
         self._reader = await open_connection(self.db_path)
         first, last = await self._reader.call(change_log.bounds)
+        self._secret = await self._reader.call(change_log.msg_id_secret)
+        self._fresh = await self._reader.call(change_log.msg_id_nonces)
+        self._open_last = last
         self.acked_seq = first - 1 if first else last
         self._trimmed_seq = self.acked_seq
         self._cursor = self.acked_seq
@@ -181,12 +210,50 @@ class Publisher:
         self._drop_in_flight()
         self._cursor = self.acked_seq
         self._carry = None
+        acked = self.acked_seq
+        self._maybe_stored = {mid: last for mid, last in self._maybe_stored.items() if last > acked}
 
     def _drop_in_flight(self) -> None:
+        """Forget the records in flight; remember which of them JetStream may have stored under their id."""
         for item in self._in_flight:
             if not item.future.done():
                 item.future.cancel()
+                self._maybe_stored[item.msg_id] = item.last
+                continue
+            ack = None if item.future.cancelled() or item.future.exception() is not None else item.future.result()
+            if ack is not None and ack.duplicate and not self._may_have_stored(item):
+                self._collision(item, ack)
+            else:
+                self._maybe_stored[item.msg_id] = item.last
         self._in_flight.clear()
+
+    def _may_have_stored(self, item: _InFlight) -> bool:
+        """Could JetStream hold `item`'s id because of a send of ours (so a duplicate PubAck is the truth)?"""
+        return item.msg_id in self._maybe_stored or item.last <= self._open_last
+
+    def _collision(self, item: _InFlight, ack: PubAck) -> None:
+        """A duplicate PubAck for an id we never stored: give the record a fresh id, count and report it."""
+        nonce = secrets.token_hex(16)
+        self._fresh[(item.first, item.last)] = nonce
+        self._unsaved[(item.first, item.last)] = nonce
+        self.msg_id_collisions += 1
+        self.last_msg_id_collision = {
+            "first_seq": item.first,
+            "last_seq": item.last,
+            "msg_id": item.msg_id,
+            "stream_seq": ack.seq,
+            "at": time.time(),
+        }
+        log.warning(
+            "agent %s: JetStream reports changes %d-%d (id %s) as a duplicate of stream message %s, which this "
+            "agent never published: the record is kept and sent again under a fresh id (collision %d)",
+            self.agent_id,
+            item.first,
+            item.last,
+            item.msg_id,
+            ack.seq,
+            self.msg_id_collisions,
+        )
 
     async def _close_open_group(self) -> None:
         assert self._reader is not None
@@ -196,6 +263,11 @@ class Publisher:
     async def _pump(self) -> None:
         """Publish whatever closed groups are available, keeping up to max_in_flight records unacked."""
         assert self._reader is not None
+        if self._unsaved:  # a fresh id is used only once it survives a crash
+            nonces = dict(self._unsaved)
+            await self.store.write(lambda c: change_log.save_msg_id_nonces(c, nonces))
+            for key in nonces:
+                self._unsaved.pop(key, None)
         while True:
             self._collect_acks()
             if len(self._in_flight) >= self.max_in_flight:
@@ -229,13 +301,11 @@ class Publisher:
             raise PublishFailed("the NATS connection was lost while records were in flight")
         while len(self._in_flight) >= self.max_in_flight:
             await self._await_head()
-        fut = await js.publish_async(
-            self.subject,
-            payload,
-            headers={"Nats-Msg-Id": msg_id(self.agent_id, self.epoch, first, last)},
-        )
+        nonce = self._fresh.get((first, last))
+        mid = msg_id(self.agent_id, self.epoch, first, last, secret=self._secret, nonce=nonce)
+        fut = await js.publish_async(self.subject, payload, headers={"Nats-Msg-Id": mid})
         fut.add_done_callback(lambda _f: self._wake.set())
-        self._in_flight.append(_InFlight(first, last, fut, time.monotonic() + self.ack_timeout))
+        self._in_flight.append(_InFlight(first, last, mid, fut, time.monotonic() + self.ack_timeout))
 
     async def _await_head(self) -> None:
         head = self._in_flight[0]
@@ -249,26 +319,39 @@ class Publisher:
     def _collect_acks(self) -> None:
         advanced = False
         now = time.monotonic()
-        while self._in_flight:
-            head = self._in_flight[0]
-            if not head.future.done():
-                if now > head.deadline:
-                    raise PublishFailed(f"no PubAck for changes {head.first}-{head.last} within {self.ack_timeout}s")
-                break
-            exc = head.future.exception() if not head.future.cancelled() else PublishFailed("cancelled")
-            if exc is not None:
-                raise PublishFailed(f"publish of changes {head.first}-{head.last} failed: {exc!r}")
-            ack = head.future.result()
-            if ack.stream != STREAM_NAME:
-                raise PublishFailed(f"changes were stored in stream {ack.stream!r}, expected {STREAM_NAME}")
-            self._in_flight.popleft()
-            self.acked_seq = head.last
-            self.records_published += 1
-            advanced = True
-        if advanced:
-            self.last_publish_at = time.time()
-            self.last_error = None
-            self._acked_event.set()
+        try:
+            while self._in_flight:
+                head = self._in_flight[0]
+                if not head.future.done():
+                    if now > head.deadline:
+                        raise PublishFailed(
+                            f"no PubAck for changes {head.first}-{head.last} within {self.ack_timeout}s"
+                        )
+                    break
+                exc = head.future.exception() if not head.future.cancelled() else PublishFailed("cancelled")
+                if exc is not None:
+                    raise PublishFailed(f"publish of changes {head.first}-{head.last} failed: {exc!r}")
+                ack = head.future.result()
+                if ack.stream != STREAM_NAME:
+                    raise PublishFailed(f"changes were stored in stream {ack.stream!r}, expected {STREAM_NAME}")
+                self._in_flight.popleft()
+                if ack.duplicate:
+                    if not self._may_have_stored(head):
+                        self._collision(head, ack)
+                        raise MsgIdCollision(
+                            f"changes {head.first}-{head.last}: JetStream called them a duplicate of stream "
+                            f"message {ack.seq}, which this agent never published; resending under a fresh id"
+                        )
+                    self.duplicates_acked += 1
+                self._maybe_stored.pop(head.msg_id, None)
+                self.acked_seq = head.last
+                self.records_published += 1
+                advanced = True
+        finally:
+            if advanced:  # also when a later head failed: waiters see what was acknowledged before it
+                self.last_publish_at = time.time()
+                self.last_error = None
+                self._acked_event.set()
 
     async def _maybe_trim(self) -> None:
         acked = self.acked_seq
@@ -277,6 +360,9 @@ class Publisher:
         if acked - self._trimmed_seq < 2000 and time.monotonic() - self._last_trim < 0.25:
             return
         await self.store.write(lambda c: change_log.trim(c, acked), single_statement=True)
+        if any(last <= acked for _first, last in self._fresh):
+            await self.store.write(lambda c: change_log.forget_msg_id_nonces(c, acked), single_statement=True)
+            self._fresh = {key: nonce for key, nonce in self._fresh.items() if key[1] > acked}
         self._trimmed_seq = acked
         self._last_trim = time.monotonic()
 

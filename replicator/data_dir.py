@@ -7,6 +7,7 @@
   dead_letters.db           records that could not be applied (dead_letters)
   nats/                     the embedded nats-server: JetStream store, config, remembered port
   auth/                     keys and token digests (`replicator auth`)
+  relay-id.key              the secret keying relay writes' message ids (32 random bytes, mode 0600)
   rebuild-backup-<stamp>/   what `replicator rebuild` moved aside
 ```
 """
@@ -16,13 +17,26 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ReplicatorError
+
+#: Bytes of the relay message id secret.
+RELAY_ID_SECRET_BYTES = 32
+
 
 class DataDirInUse(RuntimeError):
     """Another replicator process owns the data directory."""
+
+
+class SecretFileInvalid(ReplicatorError):
+    """A secret file of the data directory exists but does not hold a secret (truncated, replaced)."""
+
+    code = "secret_file_invalid"
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,29 @@ class DataDir:
     @property
     def auth(self) -> Path:
         return self.root / "auth"
+
+    @property
+    def relay_id_key(self) -> Path:
+        """The HTPC's secret keying relay message ids (agent_client.relay_msg_id); never leaves this file."""
+        return self.root / "relay-id.key"
+
+    def relay_id_secret(self) -> bytes:
+        """The relay message id secret: read it, or make it on first use (mode 0600, atomically, so two
+        processes starting at once agree on one). Raises SecretFileInvalid if the file holds no secret."""
+        path = self.relay_id_key
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            _create_secret_file(path, RELAY_ID_SECRET_BYTES)
+            data = path.read_bytes()
+        if len(data) != RELAY_ID_SECRET_BYTES:
+            raise SecretFileInvalid(
+                f"{path} holds {len(data)} bytes, not a {RELAY_ID_SECRET_BYTES}-byte secret; "
+                "remove it to make a new one (retries of relay writes in flight may then be stored twice)"
+            )
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            os.chmod(path, 0o600)  # readable by others: take that back
+        return data
 
     @property
     def lock_file(self) -> Path:
@@ -76,3 +113,24 @@ class DataDir:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def _create_secret_file(path: Path, size: int) -> None:
+    """Write `size` random bytes to `path` unless it exists: a private temporary file, then a hard link."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(size))
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):  # another process made it first: theirs is the secret
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -3,11 +3,20 @@
 A relay write is answered once JetStream has stored it (the stream sequence
 goes back to the caller); the consumer applies it like any change record.
 Everything that can be refused is refused here, before publishing, so bad
-input is a 4xx and never a dead letter.
+input is a 4xx and never a dead letter: names (SQLite compares names without
+case, so an existing table or column must be named as it is), the column count (SQLite's 2000-column limit, counting the
+columns the table already has) and the encoded record's size (the stream's
+`max_record_bytes`).
+
+Its message ids are keyed with the HTPC's secret (agent_client.relay_msg_id):
+the same Idempotency-Key of the same agent is deduplicated by JetStream, and
+no agent can compute the id of a write it has not made, so it cannot make
+a later write look like a duplicate by publishing that id first.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,26 +45,46 @@ from .errors import (
     RecordRejected,
     TableOwnedByAgent,
 )
-from .relay_row import InvalidRelayName, relay_row
-from .store_view import StoreView
+from .relay_row import InvalidRelayName, TooManyColumns, check_relay_columns, relay_row
+from .store_view import StoreView, TableView
 
 PUBLISH_TIMEOUT_S = 5.0
+#: JetStream's error code for "message size exceeds maximum allowed" (the stream's max_msg_size).
+_JS_MESSAGE_TOO_LARGE = 10054
+#: What the message's headers (its Nats-Msg-Id) take of the stream's max_msg_size, which counts them too.
+HEADER_ALLOWANCE_BYTES = 256
+
+
+class RecordTooLarge(PayloadTooLarge):
+    """The encoded relay record is larger than one message of the stream may be (`max_record_bytes`)."""
+
+    code = "record_too_large"
 
 
 class RelayWriter:
     """The relay's JetStream producer.
 
     `view()` is the central store's latest snapshot (None before the store is open), `link()` the
-    NATS connection and its JetStream context (None while not started).
+    NATS connection and its JetStream context (None while not started). `max_record_bytes` bounds one
+    message of the stream, headers included (None: no bound here; the stream's own bound still gives a
+    413). `secret()` gives the HTPC's message id secret (`DataDir.relay_id_secret`), asked once, at the
+    first publish; without it the writer keys ids with a random secret of its own, so an Idempotency-Key
+    is honoured only while this process lives.
     """
 
     def __init__(
         self,
         view: Callable[[], StoreView | None],
         link: Callable[[], tuple[NATS | None, JetStreamContext | None]],
+        *,
+        max_record_bytes: int | None = None,
+        secret: Callable[[], bytes] | None = None,
     ) -> None:
         self._view = view
         self._link = link
+        self.max_record_bytes = max_record_bytes
+        self._secret_source = secret
+        self._secret: bytes | None = None
         self.published = 0
 
     def check(self, agent_id: str, table: str, data: Mapping[str, Any]) -> None:
@@ -66,39 +95,74 @@ class RelayWriter:
             relay_row(table, data)
         except InvalidRelayName as exc:
             raise InvalidName(str(exc)) from None
+        except TooManyColumns:
+            raise
         except RecordRejected as exc:
             raise InvalidValue(str(exc)) from None
         view = self._view()
-        owned = view.table(agent_id, table) if view is not None else None
-        if owned is not None and owned.source == "agent":
+        existing = _table(view, agent_id, table) if view is not None else None
+        if existing is None:
+            return
+        if existing.source == "agent":
             raise TableOwnedByAgent(
-                f"{agent_id}.{table} is {owned.visibility} on the agent's own database; "
+                f"{agent_id}.{table} is {existing.visibility} on the agent's own database; "
                 "write it there (the relay would race its replication)"
             )
+        if existing.name != table:
+            raise InvalidName(f"table {table!r} of {agent_id} is named {existing.name!r}: use that name")
+        try:
+            check_relay_columns(table, existing.columns, data)
+        except InvalidRelayName as exc:
+            raise InvalidName(str(exc)) from None
 
-    @staticmethod
-    def encode(agent_id: str, rows: list[RelayRow], timestamp: float | None = None) -> bytes:
+    def encode(self, agent_id: str, rows: list[RelayRow], timestamp: float | None = None) -> bytes:
+        """The relay record of `rows`; refused (RecordTooLarge, 413) if it would exceed `max_record_bytes`."""
         record = RelayRecord(v=RECORD_VERSION, kind="relay", agent_id=agent_id, timestamp=timestamp, rows=rows)
         try:
-            return encode_record(record)
+            payload = encode_record(record)
         except TypeError as exc:  # orjson: nesting too deep once wrapped in the record, or unencodable text
             raise InvalidValue(f"the row cannot be encoded as a change record: {exc}") from None
+        limit = None if self.max_record_bytes is None else self.max_record_bytes - HEADER_ALLOWANCE_BYTES
+        if limit is not None and len(payload) > limit:
+            raise RecordTooLarge(
+                f"the encoded record for {agent_id} is {len(payload)} bytes; one record may be at most {limit} "
+                f"bytes (--max-record-bytes {self.max_record_bytes}, less {HEADER_ALLOWANCE_BYTES} for its headers)"
+            )
+        return payload
+
+    def msg_id(self, agent_id: str, key: str) -> str:
+        """The `Nats-Msg-Id` of agent `agent_id`'s write with Idempotency-Key `key`."""
+        if self._secret is None:
+            self._secret = self._secret_source() if self._secret_source is not None else secrets.token_bytes(32)
+        return relay_msg_id(agent_id, key, secret=self._secret)
 
     async def publish(self, agent_id: str, payload: bytes, key: str) -> dict[str, Any]:
         """Publish one encoded record (deduplicated by JetStream on `key`); returns where it was stored."""
         nc, js = self._link()
         if js is None or nc is None or not nc.is_connected:
             raise NatsUnavailable("the HTPC is not connected to NATS; retry later")
+        headers = {"Nats-Msg-Id": self.msg_id(agent_id, key)}
         try:
-            ack = await js.publish(
-                relay_subject(agent_id),
-                payload,
-                timeout=PUBLISH_TIMEOUT_S,
-                headers={"Nats-Msg-Id": relay_msg_id(agent_id, key)},
-            )
+            ack = await js.publish(relay_subject(agent_id), payload, timeout=PUBLISH_TIMEOUT_S, headers=headers)
         except nats.errors.MaxPayloadError as exc:  # retrying cannot help: not a 503
             raise PayloadTooLarge(f"the encoded record ({len(payload)} bytes) exceeds the NATS max_payload") from exc
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _JS_MESSAGE_TOO_LARGE:  # the stream's max_msg_size: retrying cannot help either
+                raise RecordTooLarge(f"JetStream refused the record ({len(payload)} bytes): {exc.description}") from exc
+            raise NatsUnavailable(f"JetStream did not store the write: {exc!r}") from exc
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise NatsUnavailable(f"JetStream did not store the write: {exc!r}") from exc
         self.published += 1
         return {"agent_id": agent_id, "stream": ack.stream, "stream_seq": ack.seq, "duplicate": bool(ack.duplicate)}
+
+
+def _table(view: StoreView, agent_id: str, table: str) -> TableView | None:
+    """The agent's central table named `table` as SQLite resolves names (any case)."""
+    found = view.table(agent_id, table)
+    if found is not None:
+        return found
+    agent = view.agent(agent_id)
+    if agent is None:
+        return None
+    folded = table.lower()
+    return next((t for name, t in agent.tables.items() if name.lower() == folded), None)

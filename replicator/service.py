@@ -84,7 +84,10 @@ class ReplicatorService:
         self.auth: AuthStore | None = None
         self.stream_replicas: int | None = None
         self.relay_writer = RelayWriter(
-            lambda: self.store.view if self.store is not None else None, lambda: (self.nc, self.js)
+            lambda: self.store.view if self.store is not None else None,
+            lambda: (self.nc, self.js),
+            max_record_bytes=settings.max_record_bytes,
+            secret=self.data.relay_id_secret,
         )
         self._auth_watch: asyncio.Task[None] | None = None
 

@@ -30,6 +30,7 @@ from tests.support.stream_reader import (
     create_tables,
     flatten,
     local_rows,
+    msg_id_secret,
     read_agent_stream,
     replay,
     same_value,
@@ -631,12 +632,14 @@ async def test_reopen_keeps_epoch_and_a_deleted_database_starts_a_new_epoch(
         await st.flush()
         last2 = await st.last_committed_seq()
     messages = await read_agent_stream(nats_server.url, AGENT)
+    secret2 = msg_id_secret(db_path)  # the new database's own secret
     assert_exactly_once(messages, AGENT, epoch1, last1)
-    assert_exactly_once(messages, AGENT, epoch2, last2)
+    assert_exactly_once(messages, AGENT, epoch2, last2, secret=secret2)
     new = [m for m in messages if m.record.epoch == epoch2]
     assert new[0].record.first_seq == 1
-    assert new[0].msg_id == msg_id(AGENT, epoch2, 1, new[0].record.last_seq)
-    assert all(epoch2 in (m.msg_id or "") and epoch1 not in (m.msg_id or "") for m in new)
+    assert new[0].msg_id == msg_id(AGENT, epoch2, 1, new[0].record.last_seq, secret=secret2)
+    old_ids = {m.msg_id for m in messages if m.record.epoch == epoch1}
+    assert not old_ids & {m.msg_id for m in new}  # the new epoch's 1..n never reuse the old epoch's ids
     assert [m.record.epoch for m in messages] == [epoch1] * (len(messages) - len(new)) + [epoch2] * len(new)
     assert_rows_identical(replay(flatten(new))["t"], local_rows(db_path, "t"))
 

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from agent_client import AgentStorage, FlushTimeout, changes_subject, msg_id
+from tests.support.htpc import sqlite_rows
 from tests.support.nats_server import NatsServer, free_port
 from tests.support.stream_reader import (
     assert_exactly_once,
@@ -114,6 +115,8 @@ async def test_restarted_publisher_resends_with_the_same_ids(nats_server: NatsSe
         assert (await st.health_check())["backlog"]["changes"] == last  # everything looks unpublished again
         await st.flush(timeout=20)
         republished = st.records_published
+        # every resend came back `duplicate`, and every one is legitimate: those records were in the log at open
+        assert (await st.health_check())["msg_id_collisions"] == 0
     assert republished == len(first), "the restarted publisher did not resend the same records"
     assert await stream_message_count(nats_server.url) == count, "a resent record was stored twice"
     again = await read_agent_stream(nats_server.url, AGENT)
@@ -182,6 +185,7 @@ async def test_local_writes_go_on_while_nats_is_down_and_the_backlog_drains(
         await st.flush(timeout=30)
         health = await st.health_check()
         assert health["backlog"]["changes"] == 0 and health["nats"]["connected"] is True
+        assert health["msg_id_collisions"] == 0  # resends of records in flight at the outage are no alarm
         last = await st.last_committed_seq()
         epoch = st.epoch
         db_path = st.db_path
@@ -325,7 +329,9 @@ async def test_sigkill_of_the_agent_while_publishing_loses_and_doubles_nothing(
     messages = await read_agent_stream(nats_server.url, AGENT)
     assert {m.record.epoch for m in messages} == {epoch}
     assert_exactly_once(messages, AGENT, epoch, last)
-    assert all(m.msg_id == msg_id(AGENT, epoch, m.record.first_seq, m.record.last_seq) for m in messages)
+    secret = sqlite_rows(db_path, "SELECT key FROM _cr_secret")[0][0]
+    # every record went out under its own keyed id: no restart mistook its resends for collisions
+    assert all(m.msg_id == msg_id(AGENT, epoch, m.record.first_seq, m.record.last_seq, secret=secret) for m in messages)
     replicated = replay(flatten(messages))
     for table in ("notes", "counters"):
         assert_rows_identical(replicated[table], local_rows(db_path, table))

@@ -326,7 +326,9 @@ def test_values_round_trip_through_json_property(values: list[Any]) -> None:
     assert all(same_value(a, b) for a, b in zip(back, values, strict=True)), (back, values)
 
 
-def test_msg_id_names_agent_epoch_and_range() -> None:
-    assert msg_id("agent-7", EPOCH, 10, 13) == f"agent-7:{EPOCH}:10-13"
-    assert msg_id("agent-7", EPOCH, 10, 13) != msg_id("agent-7", EPOCH, 10, 14)
-    assert msg_id("agent-7", EPOCH, 1, 1) != msg_id("agent-7", "fedcba9876543210", 1, 1)
+def test_msg_id_is_keyed_by_agent_epoch_and_range() -> None:
+    key = bytes(range(32))
+    assert msg_id("agent-7", EPOCH, 10, 13, secret=key).startswith("agent-7:")
+    assert EPOCH not in msg_id("agent-7", EPOCH, 10, 13, secret=key)
+    assert msg_id("agent-7", EPOCH, 10, 13, secret=key) != msg_id("agent-7", EPOCH, 10, 14, secret=key)
+    assert msg_id("agent-7", EPOCH, 1, 1, secret=key) != msg_id("agent-7", "fedcba9876543210", 1, 1, secret=key)

@@ -47,6 +47,7 @@ from agent_client import (
 )
 from tests.support.htpc import HtpcProcess, HtpcStartError
 from tests.support.nats_cluster import NatsCluster
+from tests.support.stream_reader import msg_id_secret
 
 TABLE_SQL = "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)"
 WRITE_INTERVAL = 0.01  # the continuous writer's pause between writes
@@ -254,6 +255,7 @@ async def assert_stream_exact(cluster: NatsCluster, storage: AgentStorage, writt
     Returns the number of records.
     """
     agent_id, epoch = storage.agent_id, storage.epoch
+    secret = msg_id_secret(storage.db_path)
     last = await storage.last_committed_seq()
     assert acked(storage) == last, f"flush returned but only {acked(storage)}/{last} acknowledged"
     records = await read_records(cluster, agent_id)
@@ -261,7 +263,9 @@ async def assert_stream_exact(cluster: NatsCluster, storage: AgentStorage, writt
     rows: set[int] = set()
     for i, (stream_seq, mid, rec) in enumerate(records):
         assert rec.agent_id == agent_id and rec.epoch == epoch, f"stream seq {stream_seq}: foreign record"
-        assert mid == msg_id(agent_id, epoch, rec.first_seq, rec.last_seq), f"stream seq {stream_seq}: id {mid}"
+        assert mid == msg_id(agent_id, epoch, rec.first_seq, rec.last_seq, secret=secret), (
+            f"stream seq {stream_seq}: id {mid}"
+        )
         if i:
             prev = records[i - 1][2]
             assert rec.first_seq == prev.last_seq + 1, (

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import math
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -139,16 +140,31 @@ def flatten(messages: Iterable[StreamMessage]) -> list[Change]:
     return out
 
 
-def assert_exactly_once(messages: list[StreamMessage], agent_id: str, epoch: str, last_seq: int) -> None:
-    """Records of `epoch` cover 1..last_seq exactly once, in order, each with its deterministic Nats-Msg-Id."""
+def msg_id_secret(db_path: Path) -> bytes:
+    """The message id secret of an agent database (to check the ids its records went out under)."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return bytes(conn.execute("SELECT key FROM _cr_secret WHERE id = 1").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def assert_exactly_once(
+    messages: list[StreamMessage], agent_id: str, epoch: str, last_seq: int, *, secret: bytes | None = None
+) -> None:
+    """Records of `epoch` cover 1..last_seq exactly once, in order, each with a keyed Nats-Msg-Id
+    `<agent_id>:<32 hex>` (with `secret`, exactly msg_id() of its range)."""
     mine = [m for m in messages if m.record.epoch == epoch]
     seen: list[int] = []
+    shape = re.compile(re.escape(agent_id) + ":[0-9a-f]{32}")
     for m in mine:
         rec = m.record
         assert rec.agent_id == agent_id, f"record of agent {rec.agent_id!r} on {agent_id!r}'s subject"
-        assert m.msg_id == msg_id(agent_id, epoch, rec.first_seq, rec.last_seq), (
-            f"stream seq {m.stream_seq}: Nats-Msg-Id {m.msg_id!r} does not name {rec.first_seq}-{rec.last_seq}"
-        )
+        assert m.msg_id is not None and shape.fullmatch(m.msg_id), f"stream seq {m.stream_seq}: id {m.msg_id!r}"
+        if secret is not None:
+            assert m.msg_id == msg_id(agent_id, epoch, rec.first_seq, rec.last_seq, secret=secret), (
+                f"stream seq {m.stream_seq}: Nats-Msg-Id {m.msg_id!r} does not name {rec.first_seq}-{rec.last_seq}"
+            )
         seen.extend(seq for seq, _op, _lid, _vals in rec.changes)
     duplicates = sorted({s for s in seen if seen.count(s) > 1}) if len(seen) != len(set(seen)) else []
     assert not duplicates, f"change sequences published twice: {duplicates[:20]}"

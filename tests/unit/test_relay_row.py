@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent_client import INT64_MAX, INT64_MIN
 from replicator.errors import RecordRejected
-from replicator.relay_row import InvalidRelayName, relay_row, relay_value
+from replicator.relay_row import (
+    MAX_COLUMNS,
+    InvalidRelayName,
+    TooManyColumns,
+    check_relay_columns,
+    relay_row,
+    relay_value,
+)
 
 
 @pytest.mark.parametrize(
@@ -97,3 +106,55 @@ def test_names_are_checked_before_values() -> None:
 def test_a_bad_value_names_its_table_and_column() -> None:
     with pytest.raises(RecordRejected, match=r"^notes\.n: integer does not fit"):
         relay_row("notes", {"id": 1, "n": 2**70})
+
+
+# --------------------------------------------------------------------------- what SQLite would refuse at apply time
+
+
+def test_the_column_limit_is_sqlites() -> None:
+    conn = sqlite3.connect(":memory:")
+    try:
+        assert conn.getlimit(sqlite3.SQLITE_LIMIT_COLUMN) == MAX_COLUMNS == 2000
+    finally:
+        conn.close()
+
+
+def test_a_row_of_max_columns_converts_and_one_more_is_refused() -> None:
+    row = {f"c{i}": i for i in range(MAX_COLUMNS)}
+    assert len(relay_row("wide", row)) == MAX_COLUMNS
+    row[f"c{MAX_COLUMNS}"] = 0
+    with pytest.raises(TooManyColumns, match=r"2001 columns; SQLite allows at most 2000") as info:
+        relay_row("wide", row)
+    assert isinstance(info.value, RecordRejected)  # at apply time: a dead letter, never a retry
+    assert (info.value.code, info.value.status) == ("too_many_columns", 400)
+
+
+def test_column_names_differing_only_in_case_are_one_column() -> None:
+    with pytest.raises(InvalidRelayName, match="'id' and 'ID' of 'notes' are one column"):
+        relay_row("notes", {"id": 1, "ID": 2})
+
+
+def test_check_relay_columns_counts_what_the_table_has() -> None:
+    existing = [f"c{i}" for i in range(1990)]
+    assert check_relay_columns("t", existing, ["c5", "c7", "new"]) == ["new"]
+    with pytest.raises(InvalidRelayName, match="column 'C5' of 't' is named 'c5'"):
+        check_relay_columns("t", existing, ["C5"])  # SQLite would take it for c5: name it so
+    assert check_relay_columns("t", existing, [f"n{i}" for i in range(10)]) == [f"n{i}" for i in range(10)]
+    with pytest.raises(TooManyColumns, match=r"t would have 2001 columns \(1990 now, 11 new\)"):
+        check_relay_columns("t", existing, [f"n{i}" for i in range(11)])
+
+
+def test_sqlite_really_refuses_what_is_refused_here(tmp_path: Path) -> None:
+    """The control: the limits above are SQLite's, not ours."""
+    conn = sqlite3.connect(tmp_path / "x.db")
+    try:
+        cols = ", ".join(f'"c{i}"' for i in range(MAX_COLUMNS))
+        conn.execute(f"CREATE TABLE ok ({cols})")
+        with pytest.raises(sqlite3.OperationalError, match="too many columns"):
+            conn.execute(f'CREATE TABLE bad ({cols}, "extra")')
+        with pytest.raises(sqlite3.OperationalError, match="too many columns"):
+            conn.execute('ALTER TABLE ok ADD COLUMN "extra"')
+        with pytest.raises(sqlite3.OperationalError, match="duplicate column name"):
+            conn.execute('CREATE TABLE dup ("id", "ID")')
+    finally:
+        conn.close()

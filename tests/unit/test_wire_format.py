@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 from typing import Any
 
@@ -71,7 +73,7 @@ def record(
 # --------------------------------------------------------------------------- the bytes themselves
 
 # What the publisher put on the wire before the format moved here (captured from it): the builder must
-# keep producing exactly these bytes.
+# keep producing exactly these bytes. (Keying the message ids changed only the Nats-Msg-Id header, not these.)
 GOLDEN = (
     b'{"v":1,"kind":"changes","agent_id":"agent-7","epoch":"0123456789abcdef","first_seq":10,"last_seq":15,'
     b'"final":true,"committed_at":1700000000.75,"layouts":{"3":{"table":"notes","columns":["id","body","data","r"],'
@@ -291,9 +293,45 @@ def test_out_of_range_integer_in_a_record_is_refused_when_its_values_are_read() 
 # --------------------------------------------------------------------------- message ids
 
 
-def test_msg_ids_are_stable() -> None:
-    assert msg_id("agent-7", EPOCH, 10, 15) == "agent-7:0123456789abcdef:10-15"
-    assert msg_id("agent-7", EPOCH, 10, 15) == msg_id("agent-7", EPOCH, 10, 15)
-    assert msg_id("agent-7", EPOCH, 10, 15) != msg_id("agent-7", EPOCH, 10, 16)
-    assert relay_msg_id("agent-7", "key-1") == "relay:agent-7:key-1"
-    assert relay_msg_id("agent-7", "key-1") != relay_msg_id("agent-8", "key-1")
+SECRET = bytes(range(32))
+
+
+def test_msg_ids_are_keyed_and_stable() -> None:
+    """The contract the HTPC checks: `<agent>:<mac>`, mac = HMAC-SHA256(secret, "<epoch>:<first>-<last>")[:32]."""
+    mid = msg_id("agent-7", EPOCH, 10, 15, secret=SECRET)
+    assert mid == "agent-7:341839642e7ca1db793bfeed30a728e6"  # pinned: a change here breaks every retransmit
+    assert mid == "agent-7:" + hmac.new(SECRET, f"{EPOCH}:10-15".encode(), hashlib.sha256).hexdigest()[:32]
+    assert mid == msg_id("agent-7", EPOCH, 10, 15, secret=SECRET)
+    assert mid != msg_id("agent-7", EPOCH, 10, 16, secret=SECRET)
+    assert mid != msg_id("agent-7", "fedcba9876543210", 10, 15, secret=SECRET)
+    assert mid != msg_id("agent-7", EPOCH, 10, 15, secret=bytes(32))  # another database, another id
+    assert EPOCH not in mid and "10-15" not in mid  # nothing an onlooker could predict
+
+
+def test_a_nonce_gives_the_same_changes_a_fresh_id() -> None:
+    plain = msg_id("agent-7", EPOCH, 10, 15, secret=SECRET)
+    fresh = msg_id("agent-7", EPOCH, 10, 15, secret=SECRET, nonce="n1")
+    assert fresh.startswith("agent-7:") and len(fresh) == len(plain) and fresh != plain
+    assert fresh == msg_id("agent-7", EPOCH, 10, 15, secret=SECRET, nonce="n1")
+    assert fresh != msg_id("agent-7", EPOCH, 10, 15, secret=SECRET, nonce="n2")
+
+
+def test_relay_msg_ids_are_keyed_and_stable() -> None:
+    """`relay:<agent>:<mac>`, mac = HMAC-SHA256(secret, agent + NUL + Idempotency-Key)[:32]."""
+    rid = relay_msg_id("agent-7", "key-1", secret=SECRET)
+    assert rid == "relay:agent-7:c4108e71feafaa33e61973d9baac128c"
+    assert rid == "relay:agent-7:" + hmac.new(SECRET, b"agent-7\x00key-1", hashlib.sha256).hexdigest()[:32]
+    assert rid == relay_msg_id("agent-7", "key-1", secret=SECRET)
+    assert rid != relay_msg_id("agent-8", "key-1", secret=SECRET)
+    assert rid != relay_msg_id("agent-7", "key-2", secret=SECRET)
+    assert "key-1" not in rid
+    # the NUL keeps (agent, key) pairs apart (an agent id has no NUL): ("ab", "c") and ("a", "bc") differ
+    assert relay_msg_id("ab", "c", secret=SECRET).split(":")[2] != relay_msg_id("a", "bc", secret=SECRET).split(":")[2]
+
+
+@pytest.mark.parametrize("secret", [b"", b"short"])
+def test_message_ids_need_a_real_secret(secret: bytes) -> None:
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        msg_id("agent-7", EPOCH, 1, 1, secret=secret)
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        relay_msg_id("agent-7", "k", secret=secret)
