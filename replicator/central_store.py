@@ -38,7 +38,7 @@ from . import central_schema as schema
 from .central_schema import TableMeta
 from .data_dir import DataDir
 from .errors import RecordRejected
-from .relay_row import relay_row
+from .relay_row import check_relay_columns, relay_row
 from .replica_state import ReplicaState
 from .sequencer import Position, RecordHeader, Verdict
 from .store_view import AgentView, StoreView, TableView
@@ -418,6 +418,11 @@ class AgentReplica:
         q = quote_identifier
         meta = self.state.tables.get(table)
         if meta is None:
+            # SQLite compares table names without case: `Notes` would write `notes`, whoever owns it.
+            same = next((m for name, m in self.state.tables.items() if name.lower() == table.lower()), None)
+            if same is not None:
+                raise RecordRejected(f"table {table!r} is named {same.name!r} here: use that name")
+        if meta is None:
             cols = tuple(values)
             meta = TableMeta(table, "relay", "always", cols, ("",) * len(cols), ("id",) if "id" in values else (), None)
             try:
@@ -429,7 +434,7 @@ class AgentReplica:
             # The agent's own table: only its change records write it, or the central copy would differ
             # from the agent's for good. (The API refuses this too, but only against what is applied.)
             raise RecordRejected(f"table {table!r} belongs to agent {self.agent_id} and is written only by it")
-        missing = [c for c in values if c not in meta.columns]
+        missing = check_relay_columns(table, meta.columns, values)
         if missing:
             try:
                 for col in missing:
