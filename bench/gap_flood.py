@@ -87,6 +87,19 @@ async def probe_delays(
     return delays
 
 
+async def health_latencies(url: str, stop: asyncio.Event) -> list[float]:
+    """GET /health every 20 ms on its own connection until `stop`; each answer's latency."""
+    out: list[float] = []
+    async with httpx.AsyncClient(timeout=10) as client:
+        while not stop.is_set():
+            started = time.perf_counter()
+            r = await client.get(f"{url}/health")
+            if r.status_code in (200, 503):
+                out.append(time.perf_counter() - started)
+            await asyncio.sleep(0.02)
+    return out
+
+
 async def flood(nats_url: str, agent: str, records: list[bytes]) -> None:
     nc = await nats.connect(nats_url)
     try:
@@ -117,8 +130,12 @@ async def main(records: int, probes: int) -> None:
         try:
             victim = await open_storage(Path(tmp) / "victim", "victim", nats_url)
             async with httpx.AsyncClient(timeout=10) as client:
+                stop_quiet = asyncio.Event()
+                health_task = asyncio.create_task(health_latencies(rep.url, stop_quiet))
                 quiet = await probe_delays(victim, client, rep.url, probes)
+                stop_quiet.set()
                 phases: dict[str, list[float]] = {"no flood": quiet}
+                health: dict[str, list[float]] = {"no flood": await health_task}
                 for name, agent, payloads in (
                     (
                         "in-order flood (floor)",
@@ -133,6 +150,7 @@ async def main(records: int, probes: int) -> None:
                 ):
                     stop = asyncio.Event()
                     probing = asyncio.create_task(probe_delays(victim, client, rep.url, stop))
+                    health_task = asyncio.create_task(health_latencies(rep.url, stop))
                     started = time.perf_counter()
                     await flood(nats_url, agent, payloads)
                     if agent == "orderly":
@@ -144,10 +162,13 @@ async def main(records: int, probes: int) -> None:
                     elapsed = time.perf_counter() - started
                     stop.set()
                     phases[name] = await probing
+                    health[name] = await health_task
                     report(f"{name}: consumer through the flood", elapsed, "s")
                 for name, delays in phases.items():
                     report(f"victim delay p50, {name} (n={len(delays)})", pct(delays, 50) * 1000, "ms")
                     report(f"victim delay p99, {name}", pct(delays, 99) * 1000, "ms")
+                for name, latencies in health.items():
+                    report(f"/health p99, {name} (n={len(latencies)})", pct(latencies, 99) * 1000, "ms")
                 floor = phases["in-order flood (floor)"]
                 attack = phases["gap flood (attack)"]
                 report("p50 ratio gap flood / in-order flood", pct(attack, 50) / pct(floor, 50), "x")
