@@ -33,7 +33,7 @@ class BodyLimit:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                break
+                return  # the client went away mid-body: a partial body must never reach the application
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:

@@ -176,7 +176,9 @@ async def _wait_replicated(cluster: Cluster, st: AgentStorage, timeout: float = 
     last = await st.last_committed_seq()
     headers = {"Authorization": f"Bearer {cluster.tokens['ops']}"}
     async with httpx.AsyncClient(base_url=cluster.htpc.url, headers=headers, timeout=15) as client:
-        await wait_agent_applied(client, st.agent_id, last, timeout=timeout)
+        # The module's agents reopen with new databases (new epochs): wait for this one's, not a watermark
+        # left by an earlier test's epoch.
+        await wait_agent_applied(client, st.agent_id, last, epoch=st.epoch, timeout=timeout)
 
 
 def _assert_central_equals_local(cluster: Cluster, st: AgentStorage) -> tuple[int, str]:

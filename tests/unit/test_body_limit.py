@@ -62,3 +62,29 @@ async def test_bodies_within_the_limit_reach_the_app_intact(size: int) -> None:
         streamed = await client.post("/", content=_chunks(size))
     assert declared.status_code == streamed.status_code == 200
     assert declared.content == b"y" * size and streamed.content == b"x" * size
+
+
+async def test_a_client_gone_mid_body_never_reaches_the_application() -> None:
+    called: list[bytes] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        called.append((await receive()).get("body", b""))
+
+    messages = iter(
+        [
+            {"type": "http.request", "body": b'{"agent_id": "a", "ta', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+
+    async def receive() -> dict[str, object]:
+        return next(messages)
+
+    sent: list[object] = []
+
+    async def send(message: object) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/relay/immediate", "headers": []}
+    await BodyLimit(app, limit=LIMIT)(scope, receive, send)  # type: ignore[arg-type]
+    assert called == [] and sent == []
