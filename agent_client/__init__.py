@@ -55,7 +55,7 @@ from .errors import (
 from .identifiers import is_valid_identifier, quote_identifier
 from .migration import Migration
 from .nats_link import reconnecting_options
-from .read_only_query import QueryResult, run_read_only
+from .read_only_query import QueryConnection, QueryResult, run_read_only
 from .statements import split_statements, upsert_sql
 from .stream import DUPLICATE_WINDOW_S, STREAM_NAME, STREAM_SUBJECTS, consumer_config, ensure_stream
 from .subjects import (
@@ -103,6 +103,7 @@ __all__ = [
     "MigrationFailed",
     "MissingPrimaryKey",
     "NetworkQueryError",
+    "QueryConnection",
     "QueryError",
     "QueryRejected",
     "QueryResult",

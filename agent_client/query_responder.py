@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from .errors import QueryError
-from .read_only_query import run_read_only
+from .read_only_query import MAX_RESULT_BYTES, run_read_only
 from .subjects import query_subject
 
 log = logging.getLogger("agent_client.query")
@@ -29,17 +29,25 @@ MAX_ROWS_LIMIT = 10_000
 MAX_TIMEOUT_MS = 10_000
 
 
-def answer_query(db_path: Path, request: dict[str, Any], agent_id: str | None = None) -> dict[str, Any]:
+def answer_query(
+    db_path: Path, request: dict[str, Any], agent_id: str | None = None, *, max_reply_bytes: int | None = None
+) -> dict[str, Any]:
     """Run one forwarded query against the local database (read-only); never raises.
 
     The database is also attached under the agent's own id, so a query written
-    for the HTPC (`"owner-id".table`) reads the same tables here.
+    for the HTPC (`"owner-id".table`) reads the same tables here. The answer is
+    bounded by what the HTPC asks (`max_result_bytes`) and by what one NATS
+    message can carry (`max_reply_bytes`): too large is a clear error, never a
+    reply that cannot be delivered.
     """
     try:
         query = request.get("query")
         params = request.get("params")
         timeout_ms = min(int(request.get("timeout_ms", 2000)), MAX_TIMEOUT_MS)
         max_rows = min(int(request.get("max_rows", 1000)), MAX_ROWS_LIMIT)
+        max_result_bytes = int(request.get("max_result_bytes", MAX_RESULT_BYTES))
+        if max_reply_bytes is not None:
+            max_result_bytes = min(max_result_bytes, max_reply_bytes)
         if not isinstance(query, str):
             raise QueryError("query must be a string")
         conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1.0)
@@ -59,6 +67,7 @@ def answer_query(db_path: Path, request: dict[str, Any], agent_id: str | None = 
                 policy=lambda db, table: db in schemas and table in readable,
                 timeout_s=timeout_ms / 1000,
                 max_rows=max_rows,
+                max_result_bytes=max(1, max_result_bytes),
             )
         finally:
             conn.close()
@@ -76,8 +85,11 @@ class QueryResponder:
         self.agent_id = agent_id
         self.db_path = db_path
         self.answered = 0
+        self._max_reply_bytes: int | None = None
 
     async def subscribe(self, nc: NATS) -> None:
+        # Room for the reply's envelope within one NATS message.
+        self._max_reply_bytes = max(1024, nc.max_payload - 4096) if nc.max_payload else None
         await nc.subscribe(query_subject(self.agent_id), cb=self._handle)
 
     async def _handle(self, msg: Msg) -> None:
@@ -90,7 +102,9 @@ class QueryResponder:
         except ValueError as exc:
             reply: dict[str, Any] = {"error": "invalid_query", "message": f"bad request: {exc}"}
         else:
-            reply = await asyncio.to_thread(answer_query, self.db_path, request, self.agent_id)
+            reply = await asyncio.to_thread(
+                answer_query, self.db_path, request, self.agent_id, max_reply_bytes=self._max_reply_bytes
+            )
         self.answered += 1
         try:
             await msg.respond(orjson.dumps(reply))

@@ -15,9 +15,13 @@ class ReplicatorError(Exception):
 
     code = "replicator_error"
     status = 500
+    retry_after: int | None = None  # seconds, sent as the Retry-After header when set
 
     def body(self) -> dict[str, Any]:
         return error_body(self.code, str(self))
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
 
 
 class BadRequest(ReplicatorError):
@@ -40,6 +44,17 @@ class InvalidValue(BadRequest):
 class PayloadTooLarge(ReplicatorError):
     code = "payload_too_large"
     status = 413
+
+
+class TooManyQueries(ReplicatorError):
+    """The caller already runs as many queries as one principal may (`query_max_concurrent`)."""
+
+    code = "too_many_queries"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class UnknownAgent(ReplicatorError):

@@ -5,15 +5,31 @@ ids with '-' : `"recruiter-1".candidates`) reaches another agent's copy,
 which is ATTACHed read-only for that one query. Which agents a query names is
 found by tokenizing it; the SQL itself is never rewritten. A query that reads
 an `on_demand` table is forwarded to the live agent over NATS request/reply.
+
+What one principal's queries may take is bounded: at most `max_concurrent` at
+once (more are answered 429 `too_many_queries`), each within its time bound
+(agent_client's run_read_only bounds every step), each answer at most
+`max_result_bytes` once encoded (encoded in the query's own thread, never on
+the event loop). Queries run on their own threads, so slow ones never hold
+the threads the rest of the service uses, and idle connections are pooled up
+to `pool_size` in total (least recently used closed first: each holds its
+database files open). Another agent's schema (sqlite_master) and every
+internal `_cr_*` table stay unreadable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import re
 import sqlite3
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +37,25 @@ import nats.errors
 import orjson
 from nats.aio.client import Client as NATS
 
-from agent_client import QueryError, is_valid_agent_id, query_subject, run_read_only
+from agent_client import QueryConnection, QueryError, QueryTimeout, is_valid_agent_id, query_subject, run_read_only
 
 from .central_store import CentralStore
 from .consumer import Consumer
-from .errors import AgentOffline, BadRequest, Forbidden, InvalidAgent, NotYetReplicated, ReplicatorError
+from .errors import (
+    AgentOffline,
+    BadRequest,
+    Forbidden,
+    InvalidAgent,
+    NotYetReplicated,
+    ReplicatorError,
+    TooManyQueries,
+)
 from .store_view import StoreView
 
 MAX_ATTACHED = 9  # SQLite's default limit is 10 attached databases
+OVERRUN_GRACE_S = 0.5  # how long past its bound a query may take before it is answered 408 regardless
+log = logging.getLogger("replicator.query")
+_SCHEMA_TABLES = frozenset({"sqlite_master", "sqlite_schema", "sqlite_temp_master", "sqlite_temp_schema"})
 
 _TOKEN_RE = re.compile(
     r"""
@@ -105,71 +132,124 @@ _PoolKey = tuple[Path | None, tuple[tuple[str, Path], ...]]
 
 
 class _ReadPool:
-    """Idle read-only connections by (main db, attached dbs): opening one costs more than most queries."""
+    """Idle read-only connections by (main db, attached dbs), least recently used first out.
 
-    def __init__(self, max_idle: int = 8) -> None:
-        self.max_idle = max_idle
-        self._idle: dict[_PoolKey, list[sqlite3.Connection]] = {}
+    Opening one (and attaching) costs more than most queries; each holds its database files open, so at
+    most `size` stay idle in total, whatever the mix of attached agents (the ones in use are bounded by
+    the query threads).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.opened = 0
+        self.closed = 0
+        self._idle: OrderedDict[int, tuple[_PoolKey, sqlite3.Connection]] = OrderedDict()
+        self._serial = 0
         self._lock = threading.Lock()
+        self._shut = False
 
     def acquire(self, key: _PoolKey) -> sqlite3.Connection:
         with self._lock:
-            idle = self._idle.get(key)
-            if idle:
-                return idle.pop()
+            for token in reversed(self._idle):
+                if self._idle[token][0] == key:
+                    return self._idle.pop(token)[1]
         main_path, attach = key
         target = f"file:{main_path}?mode=ro" if main_path is not None else "file::memory:?mode=ro"
-        conn = sqlite3.connect(target, uri=True, timeout=2.0, check_same_thread=False)
+        conn = sqlite3.connect(target, uri=True, timeout=2.0, check_same_thread=False, factory=QueryConnection)
         try:
             for name, path in attach:
                 conn.execute("ATTACH DATABASE ? AS ?", (f"file:{path}?mode=ro", name))
         except BaseException:
             conn.close()
             raise
+        with self._lock:
+            self.opened += 1
         return conn
 
     def release(self, key: _PoolKey, conn: sqlite3.Connection) -> None:
-        if conn.in_transaction:
-            conn.close()
-            return
+        evicted: list[sqlite3.Connection] = []
         with self._lock:
-            idle = self._idle.setdefault(key, [])
-            if len(idle) < self.max_idle and len(self._idle) <= 256:
-                idle.append(conn)
-                return
-        conn.close()
+            if conn.in_transaction or self._shut:
+                evicted.append(conn)
+            else:
+                self._serial += 1
+                self._idle[self._serial] = (key, conn)
+                while len(self._idle) > self.size:
+                    evicted.append(self._idle.popitem(last=False)[1][1])
+        self.discard(*evicted)
+
+    def discard(self, *conns: sqlite3.Connection) -> None:
+        for conn in conns:
+            conn.close()
+        with self._lock:
+            self.closed += len(conns)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
 
     def close(self) -> None:
         with self._lock:
-            for idle in self._idle.values():
-                for conn in idle:
-                    conn.close()
+            self._shut = True
+            conns = [conn for _key, conn in self._idle.values()]
             self._idle.clear()
+        self.discard(*conns)
+
+
+@dataclass(frozen=True)
+class _Limits:
+    value_read: int  # SQLITE_LIMIT_LENGTH: at least the largest stored value
+    value: int  # a value printf/format, zeroblob or randomblob may make
+    result: int  # one answer, JSON-encoded
 
 
 def _run(
     pool: _ReadPool,
     main_path: Path | None,
     attach: dict[str, Path],
+    own_schemas: frozenset[str],
     sql: str,
     params: Sequence[Any] | Mapping[str, Any] | None,
     timeout_s: float,
     max_rows: int,
-) -> tuple[list[str], list[list[Any]], bool]:
+    limits: _Limits,
+    applied: Callable[[], int | None],
+    started: list[float],
+) -> bytes:
+    """Run one query on a pooled connection; the whole answer, JSON-encoded (in this worker thread)."""
+    started.append(time.monotonic())
     key: _PoolKey = (main_path, tuple(sorted(attach.items())))
     conn = pool.acquire(key)
     allowed_schemas = {"main", *attach}
 
     def policy(db: str, table: str) -> bool:
-        return db in allowed_schemas and not table.startswith("_cr_")
+        if db not in allowed_schemas or table.startswith("_cr_"):
+            return False
+        return table not in _SCHEMA_TABLES or db in own_schemas  # another agent's schema stays its own
 
     try:
-        result = run_read_only(conn, sql, params, policy=policy, timeout_s=timeout_s, max_rows=max_rows)
+        result = run_read_only(
+            conn,
+            sql,
+            params,
+            policy=policy,
+            timeout_s=timeout_s,
+            max_rows=max_rows,
+            max_value_read_bytes=limits.value_read,
+            max_value_bytes=limits.value,
+            max_result_bytes=limits.result,
+        )
     except BaseException:
-        conn.close()
+        pool.discard(conn)
         raise
     pool.release(key, conn)
-    return result.columns, result.rows, result.truncated
+    return _answer(result.columns, result.rows_json, result.truncated, applied())
+
+
+def _answer(columns: list[str], rows_json: bytes, truncated: bool, applied_seq: int | None, **extra: Any) -> bytes:
+    """The `/relay/query` answer as JSON bytes, around rows that are already encoded."""
+    tail = orjson.dumps({"truncated": truncated, "applied_seq": applied_seq, **extra})
+    return b'{"columns":' + orjson.dumps(columns) + b',"rows":' + rows_json + b"," + tail[1:]
 
 
 class QueryEngine:
@@ -200,9 +280,37 @@ class QueryEngine:
         self.default_timeout_ms = default_timeout_ms
         self.max_timeout_ms = max_timeout_ms
         self.forwarded = 0
+        self.refused_busy = 0  # queries answered 429 because their principal already ran max_concurrent
+        self.overran = 0  # queries answered 408 while SQLite was still inside one long step
         #: (reader, owner) -> may reader's queries be forwarded to owner's on_demand tables? None: anyone may.
         self.may_read_on_demand: Callable[[str, str], bool] | None = None
-        self._pool = _ReadPool()
+        self._pool = _ReadPool(pool_size)
+        self._limits = _Limits(max_value_read_bytes, max_value_bytes, max_result_bytes)
+        # Enough threads that every principal's allowance fits several times over; excess queries queue.
+        self.threads = min(64, max(8, 4 * max_concurrent))
+        self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="query")
+        self._running: dict[str, int] = {}
+
+    def running(self, principal: str) -> int:
+        return self._running.get(principal, 0)
+
+    def _acquire(self, principal: str) -> None:
+        n = self._running.get(principal, 0)
+        if n >= self.max_concurrent:
+            self.refused_busy += 1
+            raise TooManyQueries(
+                f"{principal} already runs {n} queries, the most one caller may run at once "
+                f"(query_max_concurrent={self.max_concurrent}); retry when one has answered",
+                retry_after=1,
+            )
+        self._running[principal] = n + 1
+
+    def _release(self, principal: str) -> None:
+        n = self._running.get(principal, 0) - 1
+        if n > 0:
+            self._running[principal] = n
+        else:
+            self._running.pop(principal, None)
 
     async def query(
         self,
@@ -210,48 +318,117 @@ class QueryEngine:
         sql: str,
         params: Sequence[Any] | Mapping[str, Any] | None,
         *,
+        principal: str | None = None,
         min_seq: int | None = None,
         epoch: str | None = None,
         timeout_ms: int | None = None,
         max_rows: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> bytes:
+        """The answer as JSON bytes: `{"columns", "rows", "truncated", "applied_seq"[, "answered_by"]}`.
+
+        `principal` (default: the agent itself) is who asks; it may run `max_concurrent` queries at once.
+        """
         if not is_valid_agent_id(agent_id):
             raise InvalidAgent(f"invalid agent id {agent_id!r}")
-        timeout_ms = min(timeout_ms or self.default_timeout_ms, self.max_timeout_ms)
-        max_rows = min(max_rows or self.max_rows, self.max_rows)
-        # Wait first: an agent seen for the first time (or a table it just declared) only exists once applied.
-        if min_seq is not None and min_seq > 0:
-            if self.consumer is None:
-                raise NotYetReplicated("this replicator does not consume the stream; min_seq cannot be honoured")
-            if not await self.consumer.wait_applied(agent_id, min_seq, timeout_ms / 1000, epoch):
-                _ep, have = self.consumer.applied(agent_id)
-                raise NotYetReplicated(
-                    f"agent {agent_id} is applied up to {have}, not yet {min_seq}, after {timeout_ms} ms"
-                )
-        schemas, refs = table_references(sql)
-        view = self.store.view  # one consistent snapshot for this query (the apply thread owns the replicas)
-        known = set(view.agents)
-        forward_to = self._on_demand_owner(view, agent_id, refs)
-        if forward_to is not None:
-            if self.may_read_on_demand is not None and not self.may_read_on_demand(agent_id, forward_to):
-                raise Forbidden(f"agent {forward_to} does not share its on_demand tables with {agent_id}")
-            return await self._forward(forward_to, sql, params, timeout_ms, max_rows)
-
-        # The asking agent's own id is attached too: `"me".t` must mean the same as `t` (same file, read-only).
-        attach = {s: self.store.path_for(s) for s in schemas if s in known}
-        if len(attach) > MAX_ATTACHED:
-            raise BadRequest(f"a query may name at most {MAX_ATTACHED} other agents")
-        main_path = self.store.path_for(agent_id) if agent_id in known else None
+        who = principal or f"agent:{agent_id}"
+        self._acquire(who)
+        release_here = True  # until a query thread owns the slot (it frees it when it is really done)
         try:
-            columns, rows, truncated = await asyncio.to_thread(
-                _run, self._pool, main_path, attach, sql, params, timeout_ms / 1000, max_rows
+            timeout_ms = min(timeout_ms or self.default_timeout_ms, self.max_timeout_ms)
+            max_rows = min(max_rows or self.max_rows, self.max_rows)
+            # Wait first: an agent seen for the first time (or a table it just declared) only exists once applied.
+            if min_seq is not None and min_seq > 0:
+                await self._wait_applied(agent_id, min_seq, epoch, timeout_ms)
+            schemas, refs = table_references(sql)
+            view = self.store.view  # one consistent snapshot for this query (the apply thread owns the replicas)
+            known = set(view.agents)
+            forward_to = self._on_demand_owner(view, agent_id, refs)
+            if forward_to is not None:
+                if self.may_read_on_demand is not None and not self.may_read_on_demand(agent_id, forward_to):
+                    raise Forbidden(f"agent {forward_to} does not share its on_demand tables with {agent_id}")
+                return await self._forward(forward_to, sql, params, timeout_ms, max_rows)
+
+            # The asking agent's own id is attached too: `"me".t` must mean the same as `t` (same file, read-only).
+            attach = {s: self.store.path_for(s) for s in schemas if s in known}
+            if len(attach) > MAX_ATTACHED:
+                raise BadRequest(f"a query may name at most {MAX_ATTACHED} other agents")
+            main_path = self.store.path_for(agent_id) if agent_id in known else None
+            consumer = self.consumer
+
+            def applied() -> int | None:
+                return consumer.applied(agent_id)[1] if consumer is not None else None
+
+            started: list[float] = []  # when a query thread took it up
+
+            job = self._executor.submit(
+                _run,
+                self._pool,
+                main_path,
+                attach,
+                frozenset({"main", agent_id}),
+                sql,
+                params,
+                timeout_ms / 1000,
+                max_rows,
+                self._limits,
+                applied,
+                started,
             )
-        except QueryError as exc:
-            raise _query_error(exc) from None
-        except sqlite3.Error as exc:
-            raise BadRequest(f"query failed: {exc}") from None
-        applied = self.consumer.applied(agent_id)[1] if self.consumer else None
-        return {"columns": columns, "rows": rows, "truncated": truncated, "applied_seq": applied}
+            release_here = False
+            job.add_done_callback(self._release_later(who))
+            try:
+                return await self._await_job(job, started, timeout_ms / 1000)
+            except QueryError as exc:
+                raise _query_error(exc) from None
+            except sqlite3.Error as exc:
+                raise BadRequest(f"query failed: {exc}") from None
+        finally:
+            if release_here:
+                self._release(who)
+
+    async def _await_job(self, job: Future[bytes], started: list[float], timeout_s: float) -> bytes:
+        """The job's answer; 408 once it has run `timeout_s` + grace, even if SQLite is still inside one step.
+
+        SQLite checks its progress handler between rows, and one row can make it work in proportion to the
+        statement's length times the size of the values it reads. Such a query is answered at its bound;
+        its thread (and its principal's concurrency slot) is freed only when SQLite returns.
+        """
+        waiting = asyncio.wrap_future(job)
+        while True:
+            if started:
+                remaining = started[0] + timeout_s + OVERRUN_GRACE_S - time.monotonic()
+                if remaining <= 0:
+                    self.overran += 1
+                    log.warning("a query ran past its %.3g s bound inside one SQLite step; answered 408", timeout_s)
+                    raise _query_error(
+                        QueryTimeout(
+                            f"query exceeded its time bound of {timeout_s:g} s; it keeps one of your "
+                            f"{self.max_concurrent} concurrent queries until SQLite lets it stop"
+                        )
+                    )
+            else:
+                remaining = 0.05  # still queued behind other queries
+            done, _pending = await asyncio.wait({waiting}, timeout=remaining)
+            if done:
+                return waiting.result()
+
+    def _release_later(self, who: str) -> Callable[[Future[bytes]], None]:
+        loop = asyncio.get_running_loop()
+
+        def done(_job: Future[bytes]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody counts any more
+                loop.call_soon_threadsafe(self._release, who)
+
+        return done
+
+    async def _wait_applied(self, agent_id: str, min_seq: int, epoch: str | None, timeout_ms: int) -> None:
+        if self.consumer is None:
+            raise NotYetReplicated("this replicator does not consume the stream; min_seq cannot be honoured")
+        if not await self.consumer.wait_applied(agent_id, min_seq, timeout_ms / 1000, epoch):
+            _ep, have = self.consumer.applied(agent_id)
+            raise NotYetReplicated(
+                f"agent {agent_id} is applied up to {have}, not yet {min_seq}, after {timeout_ms} ms"
+            )
 
     @staticmethod
     def _on_demand_owner(view: StoreView, agent_id: str, refs: set[tuple[str | None, str]]) -> str | None:
@@ -273,7 +450,7 @@ class QueryEngine:
             )
         return owners.pop()
 
-    async def _forward(self, owner: str, sql: str, params: Any, timeout_ms: int, max_rows: int) -> dict[str, Any]:
+    async def _forward(self, owner: str, sql: str, params: Any, timeout_ms: int, max_rows: int) -> bytes:
         nc = self._nc()
         if nc is None or not nc.is_connected:
             raise AgentOffline(f"agent {owner} cannot be reached: the HTPC is not connected to NATS")
@@ -282,6 +459,7 @@ class QueryEngine:
             "params": params if params is not None else [],
             "timeout_ms": timeout_ms,
             "max_rows": max_rows,
+            "max_result_bytes": self.max_result_bytes,
         }
         try:
             msg = await nc.request(query_subject(owner), orjson.dumps(request), timeout=timeout_ms / 1000 + 1.0)
@@ -292,30 +470,45 @@ class QueryEngine:
         except nats.errors.TimeoutError:
             raise AgentOffline(f"agent {owner} did not answer within {timeout_ms} ms") from None
         self.forwarded += 1
+        if len(msg.data) > self.max_result_bytes + 4096:
+            raise _query_error(
+                QueryError(f"agent {owner}'s answer exceeds {self.max_result_bytes} bytes (query_max_result_bytes)"),
+                code="result_too_large",
+            )
         try:
             reply = orjson.loads(msg.data)
-        except orjson.JSONDecodeError:
+            if not isinstance(reply, dict):
+                raise ValueError("not an object")
+        except ValueError:
             raise AgentOffline(f"agent {owner} sent an unreadable answer") from None
         if "error" in reply:
             # Same code, same status as when the HTPC refuses it itself (403 not allowed, 408 timeout).
             raise _query_error(QueryError(f"agent {owner}: {reply.get('message')}"), code=str(reply["error"]))
-        return {
-            "columns": reply.get("columns", []),
-            "rows": reply.get("rows", []),
-            "truncated": bool(reply.get("truncated")),
-            "applied_seq": None,
-            "answered_by": owner,
-        }
+        return _answer(
+            [str(c) for c in reply.get("columns", [])],
+            orjson.dumps(reply.get("rows", [])),
+            bool(reply.get("truncated")),
+            None,
+            answered_by=owner,
+        )
 
     def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
         self._pool.close()
+
+
+#: HTTP status of each query error code (the rest are 400).
+_STATUS = {
+    "query_timeout": 408,
+    "query_not_allowed": 403,
+    "result_too_large": 422,
+    "value_too_large": 422,
+    "query_too_complex": 422,
+}
 
 
 def _query_error(exc: QueryError, code: str | None = None) -> ReplicatorError:
     err = BadRequest(str(exc))
     err.code = code or exc.code
-    if err.code == "query_timeout":
-        err.status = 408
-    elif err.code == "query_not_allowed":
-        err.status = 403
+    err.status = _STATUS.get(err.code, 400)
     return err

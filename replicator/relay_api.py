@@ -48,7 +48,7 @@ def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ReplicatorError)
     async def _replicator_error(_req: Request, exc: ReplicatorError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -128,20 +128,27 @@ def create_app(service: ReplicatorService) -> FastAPI:
         results = [await writer.publish(agent_id, payload, key) for agent_id, payload in payloads.items()]
         return {"status": "accepted", "records": len(body.records), "published": results}
 
-    @app.post("/relay/query", tags=["query"])
-    async def relay_query(body: QueryRequest, who: Principal | None = Depends(principal)) -> dict[str, Any]:
-        """Read-only SQL over the central copies; `other_agent.table` reaches another agent."""
+    @app.post("/relay/query", tags=["query"], response_class=Response)
+    async def relay_query(body: QueryRequest, who: Principal | None = Depends(principal)) -> Response:
+        """Read-only SQL over the central copies; `other_agent.table` reaches another agent.
+
+        Answers `{"columns", "rows", "truncated", "applied_seq"}` (encoded off the event loop). Bounded per
+        caller: 429 `too_many_queries` (with Retry-After) beyond `--query-max-concurrent` at once, 408
+        `query_timeout`, 422 `result_too_large` / `value_too_large` / `query_too_complex`.
+        """
         assert service.query_engine is not None
         in_scope(who, body.agent_id)
-        return await service.query_engine.query(
+        answer = await service.query_engine.query(
             body.agent_id,
             body.query,
             body.params,
+            principal=who.identity if who is not None else None,
             min_seq=body.min_seq,
             epoch=body.epoch,
             timeout_ms=body.timeout_ms,
             max_rows=body.max_rows,
         )
+        return Response(answer, media_type="application/json")
 
     @app.get("/relay/info", tags=["info"])
     async def relay_info(request: Request) -> dict[str, Any]:
