@@ -59,6 +59,24 @@ def render_metrics(status: Status) -> str:
         [({}, float(status.dead_letters_pruned))],
     )
     metric(
+        "replicator_queries_refused_busy_total",
+        "counter",
+        "Queries answered 429: their caller already ran --query-max-concurrent",
+        [({}, float(status.queries_refused_busy))],
+    )
+    metric(
+        "replicator_queries_overran_total",
+        "counter",
+        "Queries answered 408 while SQLite was still inside one long step",
+        [({}, float(status.queries_overran))],
+    )
+    metric(
+        "replicator_query_connections_idle",
+        "gauge",
+        "Pooled read-only query connections open and idle",
+        [({}, float(status.query_connections_idle))],
+    )
+    metric(
         "replicator_apply_failing",
         "gauge",
         "1 while the consumer cannot apply (disk full, no file descriptors, ...)",

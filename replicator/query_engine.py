@@ -291,6 +291,10 @@ class QueryEngine:
         self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="query")
         self._running: dict[str, int] = {}
 
+    def idle_connections(self) -> int:
+        """Pooled query connections open and idle now."""
+        return self._pool.idle
+
     def running(self, principal: str) -> int:
         return self._running.get(principal, 0)
 

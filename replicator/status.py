@@ -61,6 +61,9 @@ class Status:
     consumer_error: str | None = None
     apply_failing_since: float | None = None  # the consumer cannot apply (disk full, ...) since then
     dead_letters_pruned: int = 0
+    queries_refused_busy: int = 0  # answered 429: their caller already ran --query-max-concurrent
+    queries_overran: int = 0  # answered 408 while SQLite was still inside one long step
+    query_connections_idle: int = 0
     auth: bool = False
     stream_replicas: int | None = None
     relay_published: int = 0
@@ -132,6 +135,9 @@ def service_status(service: ReplicatorService) -> Status:
         consumer_error=consumer.last_error if consumer is not None else None,
         apply_failing_since=consumer.apply_failing_since if consumer is not None else None,
         dead_letters_pruned=service.dead_letters.pruned if service.dead_letters is not None else 0,
+        queries_refused_busy=service.query_engine.refused_busy if service.query_engine is not None else 0,
+        queries_overran=service.query_engine.overran if service.query_engine is not None else 0,
+        query_connections_idle=service.query_engine.idle_connections() if service.query_engine is not None else 0,
         auth=service.auth is not None,
         stream_replicas=service.stream_replicas,
         relay_published=service.relay_writer.published,

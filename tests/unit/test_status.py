@@ -124,3 +124,33 @@ def test_metrics_render_the_same_view() -> None:
     assert 'replicator_agent_watermark{agent="a-agent"} 7.0' in text
     assert 'replicator_agent_seconds_since_seen{agent="a-agent"} 1.25' in text
     assert "replicator_consumer_running 1.0" in text
+
+
+def test_isolation_counters_and_degraded_while_apply_fails() -> None:
+    from dataclasses import replace
+
+    status = replace(
+        _status(), apply_failing_since=NOW - 5, dead_letters_pruned=7, queries_refused_busy=3, queries_overran=1
+    )
+    assert status.health()["status"] == "degraded"
+    assert status.health()["consumer"]["apply_failing_since"] == NOW - 5
+    text = render_metrics(status)
+    for line in (
+        "replicator_apply_failing 1.0",
+        "replicator_dead_letters_pruned_total 7.0",
+        "replicator_queries_refused_busy_total 3.0",
+        "replicator_queries_overran_total 1.0",
+        'replicator_agent_blocked{agent="b-agent"} 1.0',
+        'replicator_agent_blocked{agent="a-agent"} 0.0',
+        'replicator_agent_waiting_records{agent="a-agent"} 0.0',
+        "replicator_records_over_cap_total 0.0",
+        "replicator_foreign_messages_total 0.0",
+        "replicator_msg_id_alarms_total 0.0",
+    ):
+        assert line in text, line
+    # every sample has its HELP and TYPE, once
+    names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(names) == len(set(names))
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            assert line.split("{")[0].split(" ")[0] in names, line
