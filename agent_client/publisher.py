@@ -43,6 +43,9 @@ from .nats_link import NatsLink
 from .stream import STREAM_NAME, ensure_stream
 from .subjects import changes_subject
 
+#: Room kept in a record for what is not its changes (header, layouts with their schema SQL, msg id header).
+_ENVELOPE_BYTES = 16 * 1024
+
 log = logging.getLogger("agent_client.publisher")
 
 
@@ -96,7 +99,9 @@ class Publisher:
         self.agent_id = agent_id
         self.epoch = epoch
         self.subject = changes_subject(agent_id)
-        self.max_record_bytes = max_record_bytes
+        self.max_record_bytes = max_record_bytes  # lowered to fit the stream's own bound (max_msg_size)
+        self._configured_max_record_bytes = max_record_bytes
+        self._limits_checked_at = 0.0
         self.max_record_changes = max_record_changes
         self.max_in_flight = max_in_flight
         self.read_batch = read_batch
@@ -194,6 +199,7 @@ class Publisher:
                     if not self._stream_ready:
                         await ensure_stream(self.link.js)
                         self._stream_ready = True
+                    await self._fit_stream_limits()
                     await self._pump()
                     backoff.reset()
                 await self._maybe_trim()
@@ -254,6 +260,28 @@ class Publisher:
             ack.seq,
             self.msg_id_collisions,
         )
+
+    async def _fit_stream_limits(self) -> None:
+        """Keep records within the stream's bound on one message (the HTPC sets it: `--max-record-bytes`).
+
+        Read once a minute: a record over it would be refused by JetStream on every attempt.
+        """
+        now = time.monotonic()
+        if now - self._limits_checked_at < 60.0 or self.link.js is None:
+            return
+        self._limits_checked_at = now
+        try:
+            info = await self.link.js.stream_info(STREAM_NAME)
+        except Exception as exc:  # only an optimisation of the record size: the next check tries again
+            log.debug("cannot read the stream's limits: %r", exc)
+            return
+        limit = info.config.max_msg_size or 0
+        wanted = self._configured_max_record_bytes
+        if limit > 0:
+            wanted = max(1024, min(wanted, limit - _ENVELOPE_BYTES))
+        if wanted != self.max_record_bytes:
+            log.info("agent %s: records of at most %d bytes (stream limit %d)", self.agent_id, wanted, limit)
+            self.max_record_bytes = wanted
 
     async def _close_open_group(self) -> None:
         assert self._reader is not None
@@ -389,13 +417,6 @@ class Publisher:
         chunk = self._carry
         for row in rows:
             seq, tx, layout_id, op, at = row[0], row[1], row[2], row[3], row[4]
-            if chunk is not None and (
-                tx != chunk.tx or chunk.size >= self.max_record_bytes or len(chunk.parts) >= self.max_record_changes
-            ):
-                out.append(self._finish(chunk, final=tx != chunk.tx))
-                chunk = None
-            if chunk is None:
-                chunk = _Chunk(first=seq, tx=tx)
             layout = self._layouts[layout_id]
             if op == "U":
                 values = row[5 : 5 + len(layout.columns)]
@@ -406,6 +427,15 @@ class Publisher:
             else:
                 values = ()
             part = change_json(seq, op, layout_id, values)
+            if chunk is not None and (
+                tx != chunk.tx
+                or chunk.size + len(part) + 1 > self.max_record_bytes
+                or len(chunk.parts) >= self.max_record_changes
+            ):
+                out.append(self._finish(chunk, final=tx != chunk.tx))
+                chunk = None
+            if chunk is None:
+                chunk = _Chunk(first=seq, tx=tx)
             chunk.parts.append(part)
             chunk.size += len(part) + 1
             chunk.last = seq

@@ -82,6 +82,14 @@ def _new_user_seed() -> tuple[str, str]:
     return seed.decode(), public.decode()
 
 
+def _new_token() -> str:
+    """32 random bytes, URL-safe; never starting with '-', so `--token VALUE` parses on any command line."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
+
+
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -148,7 +156,7 @@ class AuthStore:
         if not self.initialized:
             self.init()
         seed, public = _new_user_seed()
-        token = secrets.token_urlsafe(32)
+        token = _new_token()
         self.data["agents"][agent_id] = {
             "nkey": public,
             "token_sha256": token_digest(token),
@@ -168,7 +176,7 @@ class AuthStore:
     def add_operator(self, name: str) -> str:
         if not name or not name.replace("-", "").replace("_", "").isalnum():
             raise AuthError(f"invalid operator name {name!r}")
-        token = secrets.token_urlsafe(32)
+        token = _new_token()
         self.data["operators"][name] = {"token_sha256": token_digest(token)}
         self.save()
         return token

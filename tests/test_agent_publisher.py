@@ -335,3 +335,29 @@ async def test_sigkill_of_the_agent_while_publishing_loses_and_doubles_nothing(
     replicated = replay(flatten(messages))
     for table in ("notes", "counters"):
         assert_rows_identical(replicated[table], local_rows(db_path, table))
+
+
+async def test_records_fit_the_streams_own_bound_on_one_message(nats_server: NatsServer, tmp_path: Path) -> None:
+    """A stream whose max_msg_size is below the agent's record size: the publisher cuts records to fit it
+    (before, a transaction of 300 KB went out as one record JetStream refused on every attempt)."""
+    import nats as nats_client
+
+    from agent_client import STREAM_NAME, Migration, ensure_stream
+
+    nc = await nats_client.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js)
+        info = await js.stream_info(STREAM_NAME)
+        info.config.max_msg_size = 100 * 1024
+        await js.update_stream(info.config)
+        async with AgentStorage("fit-agent", tmp_path / "a", nats_url=nats_server.url) as st:
+            await st.migrate([Migration(1, "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")])
+            await st.set_visibility("notes", "always")
+            await st.batch_write([{"table": "notes", "data": {"id": i, "body": "b" * 30_000}} for i in range(10)])
+            await st.flush(timeout=30)
+        info = await js.stream_info(STREAM_NAME)
+        sizes = [len((await js.get_msg(STREAM_NAME, seq)).data or b"") for seq in range(1, info.state.last_seq + 1)]
+        assert max(sizes) <= 100 * 1024 and sum(1 for n in sizes if n > 30_000) >= 4, sizes
+    finally:
+        await nc.close()

@@ -384,9 +384,9 @@ async def test_junk_is_bounded_and_listed_and_oversized_records_are_refused(clus
     )
     assert stored[0][0] <= 1024  # --dead-letter-payload-bytes
     # Listing them works (an empty payload once made this a 500 / a TypeError in the CLI).
-    out = run_cli("dead-letters", "--url", cluster.htpc.url, "--token", cluster.tokens["ops"], "--agent", "junker")
+    out = run_cli("dead-letters", "--url", cluster.htpc.url, f"--token={cluster.tokens['ops']}", "--agent", "junker")
     assert out.returncode == 0, out.stderr
-    empty = run_cli("dead-letters", "--url", cluster.htpc.url, "--token", cluster.tokens["ops"], "--limit", "1000")
+    empty = run_cli("dead-letters", "--url", cluster.htpc.url, f"--token={cluster.tokens['ops']}", "--limit", "1000")
     assert empty.returncode == 0, empty.stderr
 
 
