@@ -43,7 +43,8 @@ from agent_client import (
     relay_subject,
 )
 from agent_client.query_responder import answer_query
-from tests.support.htpc import HtpcProcess, apoll, rows_digest, run_cli, sqlite_rows
+from tests.support.credentials import make_credentials
+from tests.support.htpc import HtpcProcess, apoll, rows_digest, sqlite_rows
 from tests.support.nats_server import NatsServer, free_port
 from tests.support.stream_reader import read_agent_stream
 
@@ -78,22 +79,10 @@ class Secured:
         )
 
 
-def _token(output: str) -> str:
-    return output.strip().splitlines()[-1].rsplit(" ", 1)[-1]
-
-
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     data = tmp_path_factory.mktemp("isolation-msgid") / "htpc"
-    tokens: dict[str, str] = {}
-    for agent in AGENTS:
-        out = run_cli("auth", "--data-dir", str(data), "add-agent", agent)
-        assert out.returncode == 0, out.stderr
-        tokens[agent] = _token(out.stdout)
-    out = run_cli("auth", "--data-dir", str(data), "add-operator", "ops")
-    assert out.returncode == 0, out.stderr
-    tokens["ops"] = _token(out.stdout)
-    seeds = {a: data / "auth" / "agents" / f"{a}.nk" for a in AGENTS}
+    tokens, seeds = make_credentials(data, AGENTS)
     htpc = HtpcProcess(data, None, extra_args=["--auth", "on", "--max-record-bytes", str(MAX_RECORD_BYTES)])
     htpc.start()
     try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import httpx
 import pytest
 
 from agent_client import AgentStorage, Migration
+from tests.support.credentials import make_credentials, run_in_thread
 from tests.support.htpc import HtpcProcess, apoll, poll, run_cli
 
 TIMEOUT_MS = 1000
@@ -56,10 +56,6 @@ class Iso:
         return httpx.AsyncClient(
             base_url=self.htpc.url, headers={"Authorization": f"Bearer {self.tokens[who]}"}, timeout=30
         )
-
-
-def _token(output: str) -> str:
-    return output.strip().splitlines()[-1].rsplit(" ", 1)[-1]
 
 
 async def _replicate(iso: Iso, agent: str, base: Path, schema: list[Migration], rows: dict[str, list[Any]]) -> None:
@@ -114,37 +110,12 @@ async def _seed(iso: Iso, base: Path) -> None:
         await apoll(all_applied, 60, "pool agents applied")
 
 
-def _run_in_thread(coro_factory: Any) -> None:
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            asyncio.run(coro_factory())
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join(timeout=150)
-    assert not thread.is_alive(), "seeding did not finish in 150 s"
-    if errors:
-        raise errors[0]
-
-
 @pytest.fixture(scope="module")
 def iso(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Iso]:
     base = tmp_path_factory.mktemp("iso-query")
     data = base / "htpc"
-    tokens: dict[str, str] = {}
-    for agent in ("victim", "attacker", "live"):
-        out = run_cli("auth", "--data-dir", str(data), "add-agent", agent)
-        assert out.returncode == 0, out.stderr
-        tokens[agent] = _token(out.stdout)
-    out = run_cli("auth", "--data-dir", str(data), "add-operator", "ops")
-    assert out.returncode == 0, out.stderr
-    tokens["ops"] = _token(out.stdout)
+    tokens, seeds = make_credentials(data, ("victim", "attacker", "live"))
     assert run_cli("auth", "--data-dir", str(data), "share", "live", "--with", "attacker").returncode == 0
-    seeds = {a: data / "auth" / "agents" / f"{a}.nk" for a in ("victim", "attacker", "live")}
     htpc = HtpcProcess(
         data,
         None,
@@ -166,7 +137,7 @@ def iso(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Iso]:
     htpc.start()
     try:
         result = Iso(htpc, tokens, seeds)
-        _run_in_thread(lambda: _seed(result, base / "agents"))
+        run_in_thread(lambda: _seed(result, base / "agents"), timeout=150)
         yield result
     finally:
         htpc.close()

@@ -38,6 +38,7 @@ from agent_client import (
     changes_subject,
     relay_subject,
 )
+from tests.support.credentials import make_credentials
 from tests.support.htpc import (
     HtpcProcess,
     forged_record,
@@ -130,21 +131,11 @@ class Cluster:
             yield st
 
 
-def _token(output: str) -> str:
-    return output.strip().splitlines()[-1].rsplit(" ", 1)[-1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     data = tmp_path_factory.mktemp("isolation") / "htpc"
-    tokens: dict[str, str] = {}
-    seeds: dict[str, str] = {}
-    for agent in AGENTS:
-        out = run_cli("auth", "--data-dir", str(data), "add-agent", agent)
-        assert out.returncode == 0, out.stderr
-        tokens[agent] = _token(out.stdout)
-        seeds[agent] = (data / "auth" / "agents" / f"{agent}.nk").read_text().strip()
-    tokens["ops"] = _token(run_cli("auth", "--data-dir", str(data), "add-operator", "ops").stdout)
+    tokens, seed_files = make_credentials(data, AGENTS)
+    seeds = {agent: path.read_text().strip() for agent, path in seed_files.items()}
     htpc = HtpcProcess(
         data,
         None,

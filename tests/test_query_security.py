@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import httpx
 import pytest
 
 from agent_client import Migration
+from tests.support.credentials import run_in_thread
 from tests.support.htpc import (
     HtpcProcess,
     agent_session,
@@ -87,28 +87,10 @@ async def _seed(htpc: HtpcProcess, base: Path) -> None:
                 await wait_agent_applied(client, agent, await storage.last_committed_seq(), epoch=storage.epoch)
 
 
-def _run_in_thread(coro_factory: Any) -> None:
-    """Run a coroutine to completion on a private event loop (module fixtures are sync)."""
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            asyncio.run(coro_factory())
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join(timeout=60)
-    assert not thread.is_alive(), "seeding did not finish in 60 s"
-    if errors:
-        raise errors[0]
-
-
 @pytest.fixture(scope="module")
 def seeded(module_htpc: HtpcProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
     base = tmp_path_factory.mktemp("sec-agents")
-    _run_in_thread(lambda: _seed(module_htpc, base))
+    run_in_thread(lambda: _seed(module_htpc, base))
     yield Seeded(module_htpc, (AGENT, OTHER))
 
 

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent_client import AgentStorage, Migration, RecordDecodeError, decode_record
+from tests.support.credentials import make_credentials
 from tests.support.htpc import HtpcProcess, poll, run_cli
 
 SCHEMA = [
@@ -48,23 +49,12 @@ class Secured:
         return httpx.AsyncClient(base_url=self.htpc.url, headers=headers, timeout=10)
 
 
-def _token(output: str) -> str:
-    return output.strip().splitlines()[-1].rsplit(" ", 1)[-1]
-
-
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     base = tmp_path_factory.mktemp("secured")
     data = base / "htpc"
-    tokens: dict[str, str] = {}
-    for agent in ("agent-a", "agent-b", "agent-c"):
-        out = run_cli("auth", "--data-dir", str(data), "add-agent", agent)
-        assert out.returncode == 0, out.stderr
-        tokens[agent] = _token(out.stdout)
-    out = run_cli("auth", "--data-dir", str(data), "add-operator", "ops")
-    tokens["ops"] = _token(out.stdout)
+    tokens, seeds = make_credentials(data, ("agent-a", "agent-b", "agent-c"))
     assert run_cli("auth", "--data-dir", str(data), "share", "agent-a", "--with", "agent-c").returncode == 0
-    seeds = {a: data / "auth" / "agents" / f"{a}.nk" for a in ("agent-a", "agent-b", "agent-c")}
     htpc = HtpcProcess(data, None, extra_args=["--auth", "on"])
     htpc.start()
     try:
