@@ -55,6 +55,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting for its (new) parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
 class EmbeddedNats:
     def __init__(
         self,
@@ -129,8 +138,39 @@ class EmbeddedNats:
         if self._proc is not None and self._proc.returncode is None:
             self._proc.send_signal(signal.SIGHUP)
 
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "nats-server.pid"
+
+    async def _stop_stale(self) -> None:
+        """Stop a server a previous `serve` left running (it was SIGKILLed: its server runs in its own session).
+
+        Without this the restarted HTPC would find its port taken and start a second server on the same store.
+        Only a live nats-server started with this directory's config is touched.
+        """
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return
+        conf = str(self.root / "nats-server.conf").encode()
+        if not cmdline or not cmdline[0].endswith(b"nats-server") or conf not in cmdline:
+            return
+        log.warning("stopping the nats-server (pid %d) a previous run left behind", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _running(pid):
+            await asyncio.sleep(0.05)
+        if _running(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            while _running(pid) and time.monotonic() < deadline + 5:
+                await asyncio.sleep(0.05)
+
     async def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        await self._stop_stale()
         self.port = self._choose_port()
         await self._spawn()
         (self.root / "nats.port").write_text(str(self.port))
@@ -144,6 +184,7 @@ class EmbeddedNats:
             self._proc = await asyncio.create_subprocess_exec(
                 binary, "-c", str(conf), stdout=out, stderr=out, start_new_session=True
             )
+        self.pid_file.write_text(str(self._proc.pid))
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self._proc.returncode is not None:
@@ -190,3 +231,5 @@ class EmbeddedNats:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        with contextlib.suppress(OSError):
+            self.pid_file.unlink()
