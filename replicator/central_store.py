@@ -184,6 +184,10 @@ class AgentReplica:
             return
         if isinstance(record, ChangeRecord) and all(op in ("D", "X") for _seq, op, _l, _v in record.changes):
             return
+        # The file's size bounds what is in use: the free-page count is read only when that bound is close.
+        pages = int(self.conn.execute("PRAGMA page_count").fetchone()[0])
+        if pages * self.page_size + 2 * record_bytes <= self.max_bytes:
+            return
         used = self.used_bytes()
         if used + 2 * record_bytes > self.max_bytes:
             raise RecordRejected(

@@ -557,18 +557,28 @@ class Consumer:
         log.warning("dead letter (agent %s, stream seq %s): %s", agent, item.stream_seq, reason)
         return _Step(Verdict.DEAD_LETTER, agent)
 
+    def _open_txn(self, rep: AgentReplica, touched: dict[str, AgentReplica], *, settle: int | None = None) -> bool:
+        """Open (or join) the agent's transaction for this batch, forgetting remembered record `settle` in it.
+
+        False when the machine refuses (disk full, I/O): the record is retried later, never lost.
+        """
+        try:
+            rep.begin()
+            if settle is not None:
+                rep.settle_ahead(settle)
+        except sqlite3.Error as exc:
+            self.last_error = f"cannot write the central copy of {rep.agent_id}: {exc}"
+            return False
+        touched[rep.agent_id] = rep
+        return True
+
     def _gone(self, item: _Item, agent: str, touched: dict[str, AgentReplica], seen: set[str]) -> _Step:
         """A record remembered ahead of its turn is no longer in the stream: forget it and block the agent."""
         rep = self.store.replicas.get(agent)
         if rep is None or item.stream_seq is None:
             return _Step(Verdict.DEAD_LETTER, agent)
-        try:
-            rep.begin()
-            rep.settle_ahead(item.stream_seq)
-        except sqlite3.Error as exc:
-            self.last_error = f"cannot write the central copy of {agent}: {exc}"
+        if not self._open_txn(rep, touched, settle=item.stream_seq):
             return _Step(Verdict.DEAD_LETTER, agent, _Applied.FAILED)
-        touched[agent] = rep
         seen.add(agent)
         rep.set_blocked(f"a record that came ahead of its turn (stream seq {item.stream_seq}) is gone from the stream")
         log.error("agent %s: %s", agent, rep.state.blocked)
@@ -587,12 +597,8 @@ class Consumer:
             return _Step(Verdict.GAP, owner)  # remembered already; still not its turn
         if item.stream_seq is None:
             return _Step(Verdict.GAP, owner)  # not from the durable consumer: nak'ed
-        try:
-            rep.begin()
-        except sqlite3.Error as exc:
-            self.last_error = f"cannot write the central copy of {owner}: {exc}"
+        if not self._open_txn(rep, touched):
             return _Step(Verdict.GAP, owner, _Applied.FAILED)
-        touched[owner] = rep
         if rep.state.ahead >= self.max_held_per_agent:
             self.stats.over_cap += 1
             if rep.state.blocked is None or not rep.state.blocked.startswith("over "):
@@ -651,26 +657,17 @@ class Consumer:
         rep.observe(header, verdict)
         if verdict in (Verdict.GAP, Verdict.BLOCKED):
             return self._hold(item, rep, header, touched)
-        if item.ahead:  # its turn came (or it is no longer needed): forget it in the same transaction
-            try:
-                rep.begin()
-                rep.settle_ahead(item.stream_seq or 0)
-            except sqlite3.Error as exc:
-                self.last_error = f"cannot write the central copy of {owner}: {exc}"
-                return _Step(verdict, owner, _Applied.FAILED)
-            touched[owner] = rep
+        # A remembered record whose turn came (or that is no longer needed) is forgotten in the same transaction.
+        if item.ahead and not self._open_txn(rep, touched, settle=item.stream_seq):
+            return _Step(verdict, owner, _Applied.FAILED)
         if verdict is Verdict.DUPLICATE:
             self.stats.duplicates += 1
             return _Step(verdict, owner)
         if verdict is Verdict.STALE_EPOCH:
             self.stats.stale += 1
             return _Step(verdict, owner)
-        try:
-            rep.begin()
-        except sqlite3.Error as exc:
-            self.last_error = f"cannot write the central copy of {owner}: {exc}"
+        if not self._open_txn(rep, touched):
             return _Step(verdict, owner, _Applied.FAILED)
-        touched[owner] = rep
         try:
             rep.check_quota(rec, len(item.data))
         except RecordRejected as exc:

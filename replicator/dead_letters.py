@@ -27,11 +27,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 )
 """
 
-_MIGRATIONS = (
-    "ALTER TABLE dead_letters ADD COLUMN payload_bytes INTEGER",
-    "CREATE INDEX IF NOT EXISTS dead_letters_by_agent ON dead_letters (agent_id, id)",
-)
-
 DEFAULT_PAYLOAD_BYTES = 64 * 1024
 DEFAULT_PER_AGENT = 1_000
 MAX_REASON_CHARS = 2_000
@@ -51,10 +46,9 @@ class DeadLetterStore:
         self._conn.execute("PRAGMA busy_timeout = 5000")
         self._conn.execute(_SCHEMA)
         columns = {r[1] for r in self._conn.execute("PRAGMA table_info(dead_letters)")}
-        for ddl in _MIGRATIONS:
-            if "payload_bytes" in ddl and "payload_bytes" in columns:
-                continue
-            self._conn.execute(ddl)
+        if "payload_bytes" not in columns:  # a store made before payloads were cut
+            self._conn.execute("ALTER TABLE dead_letters ADD COLUMN payload_bytes INTEGER")
+        self._conn.execute("CREATE INDEX IF NOT EXISTS dead_letters_by_agent ON dead_letters (agent_id, id)")
 
     def add(self, *, agent_id: str | None, subject: str, stream_seq: int | None, reason: str, payload: bytes) -> int:
         """Record a dead letter (raises sqlite3.Error if it cannot be stored: then it must not be terminated)."""

@@ -163,7 +163,7 @@ class ReplicatorService:
         if s.auth_enabled:
             self._open_auth()
         await self.start_nats(name=f"replicator:{s.durable}")
-        self.stream_replicas = await self._check_replicas()
+        self.stream_replicas = await self._reconcile_stream()
         if self.auth is not None:
             self._auth_watch = asyncio.create_task(self._watch_auth(), name="auth-reload")
         store, _dead_letters = self.open_store()
@@ -185,7 +185,7 @@ class ReplicatorService:
             self.query_engine.may_read_on_demand = self.auth.may_read_on_demand
         log.info("replicator started: data %s, NATS %s", s.data_dir, self.nats_url)
 
-    async def _check_replicas(self) -> int:
+    async def _reconcile_stream(self) -> int:
         """Bring AGENT_CHANGES to what the HTPC needs, leaving every other setting as the operator made it.
 
         - at least --stream-replicas (an agent may have created it with 1);
