@@ -42,6 +42,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "nats_tls_key",
         "nats_tls_ca",
         *(name for name, _type, _help in LIMIT_FLAGS),
+        *(name for name, _flag, _type, _help in RECOVERY_FLAGS),
     ):
         value = getattr(args, name, None)
         if value is not None:
@@ -65,6 +66,32 @@ LIMIT_FLAGS: list[tuple[str, type, str]] = [
     ("http_request_timeout_s", float, "seconds a client has to send its request headers and body"),
     ("http_max_header_bytes", int, "bytes of a request's line and headers"),
     ("http_max_connections", int, "open HTTP connections at once"),
+]
+
+
+def duration(text: str) -> float:
+    """Seconds from `90`, `90s`, `15m`, `12h` or `7d` (an argparse type)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3_600.0, "d": 86_400.0}
+    text = text.strip().lower()
+    scale = units.get(text[-1:], 0.0)
+    try:
+        value = float(text[:-1] if scale else text) * (scale or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 90, 15m, 12h, 7d)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration cannot be negative")
+    return value
+
+
+#: `serve` flags of recovery and bounded disk: (Settings field, flag, type, help).
+RECOVERY_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("stream_max_age_s", "stream-max-age", duration, "how long AGENT_CHANGES keeps a message (0: for ever)"),
+    ("stream_max_bytes", "stream-max-bytes", int, "bytes AGENT_CHANGES may hold (-1: no bound)"),
+    ("snapshot_interval_s", "snapshot-interval", duration, "time between snapshots of the central store (0: never)"),
+    ("snapshots_keep", "snapshots-keep", int, "snapshots kept (the oldest pruned)"),
+    ("rebuild_backups_keep", "rebuild-backups-keep", int, "rebuild-backup-* directories kept"),
+    ("resync_after_s", "resync-after", duration, "how long a missing change is awaited before the agent is resynced"),
+    ("default_agent_id", "default-agent-id", str, "agent id of relay writes that name none (the guide's batch_write)"),
 ]
 
 
@@ -124,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
             type=kind,
             default=env(name.upper()),
             help=f"{help_text} [default {default}; REPLICATOR_{name.upper()}]",
+        )
+
+    recovery = p_serve.add_argument_group("recovery", "retention, snapshots, resync (README: Operations)")
+    for name, flag, kind, help_text in RECOVERY_FLAGS:
+        default = Settings.model_fields[name].default
+        variable = flag.replace("-", "_").upper()
+        recovery.add_argument(
+            f"--{flag}",
+            dest=name,
+            type=kind,
+            default=env(variable),
+            help=f"{help_text} [default {default}; REPLICATOR_{variable}]",
         )
 
     p_rebuild = sub.add_parser("rebuild", help="rebuild the central store from the stream (serve must be stopped)")

@@ -233,6 +233,14 @@ class Consumer:
             except TimeoutError:
                 return ready()
 
+    async def ack_floor(self) -> int | None:
+        """The stream sequence up to which every message is acknowledged (committed centrally), None if unknown."""
+        try:
+            info = await self.js.consumer_info(STREAM_NAME, self.durable)
+        except (nats.errors.Error, nats.js.errors.Error, OSError):
+            return None
+        return info.ack_floor.stream_seq if info.ack_floor is not None else None
+
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="replicator-consumer")
 

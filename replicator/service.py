@@ -41,6 +41,8 @@ from .errors import NatsUnavailable, StreamMisconfigured
 from .query_engine import QueryEngine
 from .relay_writer import RelayWriter
 from .settings import Settings
+from .snapshots import Snapshots
+from .stream_watch import StreamWatch
 
 log = logging.getLogger("replicator")
 
@@ -82,6 +84,8 @@ class ReplicatorService:
         self.consumer: Consumer | None = None
         self.query_engine: QueryEngine | None = None
         self.auth: AuthStore | None = None
+        self.stream_watch: StreamWatch | None = None
+        self.snapshots: Snapshots | None = None
         self.stream_replicas: int | None = None
         self.relay_writer = RelayWriter(
             lambda: self.store.view if self.store is not None else None,
@@ -183,6 +187,12 @@ class ReplicatorService:
         )
         if self.auth is not None:
             self.query_engine.may_read_on_demand = self.auth.may_read_on_demand
+        self.stream_watch = StreamWatch(lambda: self.js, s.durable, store.agent_ids)
+        self.stream_watch.start()
+        self.snapshots = Snapshots(
+            self.data, self.consumer.ack_floor, interval_s=s.snapshot_interval_s, keep=s.snapshots_keep
+        )
+        self.snapshots.start()
         log.info("replicator started: data %s, NATS %s", s.data_dir, self.nats_url)
 
     async def _reconcile_stream(self) -> int:
@@ -190,7 +200,9 @@ class ReplicatorService:
 
         - at least --stream-replicas (an agent may have created it with 1);
         - both subjects (a stream made by an older version captures change records only, not relay writes);
-        - a bound on one message (--max-record-bytes) where the stream has none.
+        - a bound on one message (--max-record-bytes) where the stream has none;
+        - the retention of --stream-max-age and --stream-max-bytes (the HTPC owns it: snapshots and resync make
+          recovery independent of the stream's full history).
         """
         assert self.js is not None
         info = await self.js.stream_info(STREAM_NAME)
@@ -208,6 +220,14 @@ class ReplicatorService:
         if not config.max_msg_size or config.max_msg_size < 0:
             config.max_msg_size = self.settings.max_record_bytes
             changes.append(f"max message size {self.settings.max_record_bytes} bytes")
+        max_age = self.settings.stream_max_age_s
+        if abs((config.max_age or 0.0) - max_age) > 0.5:
+            changes.append(f"max age {config.max_age or 0:g}s -> {max_age:g}s")
+            config.max_age = max_age
+        max_bytes = self.settings.stream_max_bytes
+        if (config.max_bytes if config.max_bytes is not None else -1) != max_bytes:
+            changes.append(f"max bytes {config.max_bytes} -> {max_bytes}")
+            config.max_bytes = max_bytes
         if changes:
             try:
                 info = await self.js.update_stream(config)
@@ -255,6 +275,9 @@ class ReplicatorService:
     async def stop(self) -> None:
         if self._auth_watch is not None:
             self._auth_watch.cancel()
+        for task in (self.snapshots, self.stream_watch):
+            if task is not None:
+                await task.stop()
         if self.consumer is not None:
             await self.consumer.stop()
         if self.nc is not None:

@@ -44,6 +44,14 @@ class Settings(BaseModel):
     http_request_timeout_s: float = Field(10.0, gt=0)  # a client must send its headers and body within this
     http_max_header_bytes: int = Field(16 * KIB, ge=KIB)  # request line + headers
     http_max_connections: int = Field(900, ge=10)  # open HTTP connections at once
+    # Recovery and bounded disk (README "Operations": runbook, retention, snapshots, backup).
+    stream_max_age_s: float = Field(7 * 86_400.0, ge=0)  # AGENT_CHANGES keeps a message this long (0: for ever)
+    stream_max_bytes: int = Field(-1, ge=-1)  # AGENT_CHANGES holds at most this many bytes (-1: no bound)
+    snapshot_interval_s: float = Field(3_600.0, ge=0)  # seconds between central store snapshots (0: never)
+    snapshots_keep: int = Field(3, ge=1)  # snapshots kept (the oldest pruned)
+    rebuild_backups_keep: int = Field(2, ge=0)  # rebuild-backup-* directories kept
+    resync_after_s: float = Field(60.0, gt=0)  # a missing change not arrived after this long: resync the agent
+    default_agent_id: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")  # relay writes naming none
     log_level: str = "warning"
     auth: str = Field("auto", pattern="^(auto|on|off)$")  # auto: on unless the API binds loopback only
     nats_seed_file: Path | None = None  # the replicator's nkey seed for an external, secured NATS

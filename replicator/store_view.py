@@ -42,6 +42,12 @@ class AgentView:
     tables: Mapping[str, TableView] = field(default_factory=lambda: MappingProxyType({}))
     waiting: int = 0  # records that came ahead of their turn, waiting for an earlier one
     waiting_since: float | None = None  # when the oldest of them arrived
+    resync_pending: str | None = None  # why a resync of this agent was requested and is not finished, or None
+    resync_requested_at: float | None = None  # when that resync was requested
+    resyncs: int = 0  # resyncs of this agent finished
+    agent_blocked: str | None = None  # what the agent itself reports it cannot send (its status record), or None
+    agent_last_seq: int | None = None  # the agent's newest committed change, as it last reported it
+    agent_reported_at: float | None = None  # when the agent last reported its status
 
     @property
     def lag_changes(self) -> int:
