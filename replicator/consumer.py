@@ -56,6 +56,7 @@ from agent_client import (
 from .central_store import AgentReplica, CentralStore
 from .dead_letters import DeadLetterStore
 from .errors import RecordRejected
+from .histogram import Histogram
 from .sequencer import RecordHeader, Verdict, sequence
 
 log = logging.getLogger("replicator.consumer")
@@ -159,6 +160,8 @@ class ConsumerStats:
     foreign: int = 0  # JetStream acknowledgements stored on an agent's subject (a reply= trick): dropped
     msg_id_alarms: int = 0  # messages whose id is not their subject's agent's (an attempt at id squatting)
     apply_seconds: float = 0.0
+    #: agent commit -> central commit, observed per agent transaction committed (on the apply thread)
+    apply_delay: Histogram = field(default_factory=Histogram)
     last_fetch_at: float | None = None
     last_apply_at: float | None = None
 
@@ -536,6 +539,8 @@ class Consumer:
                 try:
                     rep.commit()
                     commits[agent] = _Commit.COMMITTED
+                    if rep.state.committed_at is not None and rep.state.applied_at is not None:
+                        self.stats.apply_delay.observe(max(0.0, rep.state.applied_at - rep.state.committed_at))
                 except Exception as exc:  # disk full, I/O error: nothing of this batch is lost, it is redelivered
                     self.stats.commit_failures += 1
                     self.last_error = f"commit for {agent} failed: {exc}"

@@ -8,6 +8,9 @@
   nats/                     the embedded nats-server: JetStream store, config, remembered port
   auth/                     keys and token digests (`replicator auth`)
   relay-id.key              the secret keying relay writes' message ids (32 random bytes, mode 0600)
+  recovery.db               agents ever seen and their resync requests (resync)
+  snapshots/<stamp>/        consistent snapshots of the central store (snapshots), newest kept
+  quarantine/               central copies that could not be opened (corrupt), set aside before a resync
   rebuild-backup-<stamp>/   what `replicator rebuild` moved aside
 ```
 """
@@ -85,6 +88,18 @@ class DataDir:
         if stat.S_IMODE(path.stat().st_mode) & 0o077:
             os.chmod(path, 0o600)  # readable by others: take that back
         return data
+
+    @property
+    def recovery_db(self) -> Path:
+        return self.root / "recovery.db"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
 
     @property
     def lock_file(self) -> Path:

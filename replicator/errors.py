@@ -119,3 +119,23 @@ class StreamMisconfigured(ReplicatorError):
     """AGENT_CHANGES exists with settings the replicator cannot work with or fix."""
 
     code = "stream_misconfigured"
+
+
+class DeadLetterNotFound(ReplicatorError):
+    """No dead letter with that id (never stored, retried, discarded or pruned)."""
+
+    code = "dead_letter_not_found"
+    status = 404
+
+
+class DeadLetterNotRetryable(ReplicatorError):
+    """A dead letter that cannot be applied again as it is (its payload was cut and it left the stream)."""
+
+    code = "dead_letter_not_retryable"
+    status = 409
+
+
+class SnapshotFailed(ReplicatorError):
+    """A snapshot, backup or restore could not be made (disk, a missing or inconsistent file)."""
+
+    code = "snapshot_failed"

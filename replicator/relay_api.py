@@ -197,11 +197,16 @@ def create_app(service: ReplicatorService) -> FastAPI:
 
     @app.get("/ready", tags=["info"])
     async def ready() -> JSONResponse:
-        """Readiness (for load balancers and Kubernetes): 200 when NATS and the consumer run, else 503."""
-        nats_ok, running = service.nats_connected, service.consumer_running
-        status = 200 if nats_ok and running else 503
+        """Readiness (for load balancers and Kubernetes): 200 when nothing is wrong, else 503 with the reasons."""
+        status = service_status(service)
         return JSONResponse(
-            {"ready": status == 200, "nats_connected": nats_ok, "consumer_running": running}, status_code=status
+            {
+                "ready": status.healthy,
+                "nats_connected": status.nats_connected,
+                "consumer_running": status.consumer_running,
+                "problems": status.problems,
+            },
+            status_code=200 if status.healthy else 503,
         )
 
     @app.get("/metrics", tags=["info"], response_class=PlainTextResponse)

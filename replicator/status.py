@@ -70,9 +70,24 @@ class Status:
     now: float = field(default_factory=time.time)
 
     @property
+    def problems(self) -> list[str]:
+        """Why the HTPC is degraded, one sentence each (empty: ok)."""
+        found: list[str] = []
+        if not self.nats_connected:
+            found.append("not connected to NATS")
+        if not self.consumer_running:
+            found.append("the consumer is not running")
+        if self.apply_failing_since is not None:
+            found.append(f"the consumer cannot apply since {self.apply_failing_since:.0f}: {self.consumer_error}")
+        for agent in self.view.agents.values():
+            if agent.blocked:
+                found.append(f"agent {agent.agent_id} is blocked: {agent.blocked}")
+        return found
+
+    @property
     def healthy(self) -> bool:
-        """NATS is connected, the consumer runs and can apply (what `/ready` and `/health` call ok)."""
-        return self.nats_connected and self.consumer_running and self.apply_failing_since is None
+        """Nothing is wrong (what `/ready` and `/health` call ok): see `problems`."""
+        return not self.problems
 
     @property
     def dead_letter_total(self) -> int:
@@ -93,6 +108,7 @@ class Status:
         agents = self.view.agents.values()
         return {
             "status": "ok" if self.healthy else "degraded",
+            "problems": self.problems,
             "nats": {
                 "connected": self.nats_connected,
                 "url": self.nats_url,

@@ -98,9 +98,10 @@ def test_an_agent_never_applied_has_no_delay_or_age() -> None:
     assert entry["tables"] == {"always": [], "on_demand": []}
 
 
-def test_health_ok_when_nats_and_the_consumer_run() -> None:
+def test_health_degraded_while_an_agent_is_blocked() -> None:
     health = _status().health()
-    assert health["status"] == "ok"
+    assert health["status"] == "degraded"
+    assert health["problems"] == ["agent b-agent is blocked: changes 5-5 dead-lettered"]
     assert health["agents"] == 2
     assert health["dead_letters"] == 3  # the one no agent could be named for counts too
     assert health["blocked_agents"] == {"b-agent": "changes 5-5 dead-lettered"}

@@ -1,0 +1,61 @@
+"""A fixed-bucket histogram (Prometheus style): observed on one thread, read as an immutable snapshot."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+#: Seconds: from 1 ms to 5 min, the range of "agent commit -> central commit".
+DELAY_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+
+
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    buckets: tuple[float, ...]
+    counts: tuple[int, ...]  # per bucket (not cumulative); one more than buckets: the +Inf bucket
+    total: float
+    count: int
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le label, cumulative count) pairs, ending with +Inf."""
+        out: list[tuple[str, int]] = []
+        running = 0
+        for bound, n in zip((*(f"{b:g}" for b in self.buckets), "+Inf"), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+
+class Histogram:
+    """Counts observations per bucket. One thread observes; others read `snapshot()`."""
+
+    def __init__(self, buckets: tuple[float, ...] = DELAY_BUCKETS) -> None:
+        self.buckets = buckets
+        self._counts = [0] * (len(buckets) + 1)
+        self._total = 0.0
+        self._count = 0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self.buckets, value)] += 1
+        self._total += value
+        self._count += 1
+
+    def snapshot(self) -> HistogramSnapshot:
+        return HistogramSnapshot(self.buckets, tuple(self._counts), self._total, self._count)
