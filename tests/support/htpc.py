@@ -154,7 +154,8 @@ class HtpcProcess:
                     last = resp.text[:300]
                     if resp.status_code == 200:
                         body: dict[str, Any] = resp.json()
-                        if body.get("status") == "ok":
+                        # Up: connected and consuming (an agent may be blocked on purpose: that is a test's business).
+                        if body.get("nats", {}).get("connected") and body.get("consumer", {}).get("running"):
                             return body
                 except httpx.HTTPError as exc:
                     last = repr(exc)
