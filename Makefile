@@ -33,8 +33,9 @@ lint: install
 chaos: install
 	CHAOS_CYCLES=$${CHAOS_CYCLES:-200} $(BIN)/python -m pytest -q -s -m chaos tests/test_chaos.py
 
+## every benchmark with small sizes, in bounded time (BENCH_ARGS=--full: the sizes BENCHMARKS.md quotes)
 bench: install
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

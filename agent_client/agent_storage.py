@@ -23,30 +23,24 @@ from typing import Any, TypeVar
 
 import httpx
 
-from . import catalog, change_log, migration
+from . import catalog, change_log, disk_space, migration, resync, schema_change
 from ._sqlite_thread import SQLiteThread
 from .agent_id import validate_agent_id
 from .credentials import read_seed
-from .errors import FlushTimeout, HTPCUnavailable, InvalidRow, NetworkQueryError, StorageClosed
+from .errors import AgentStorageError, FlushTimeout, HTPCUnavailable, InvalidRow, NetworkQueryError, StorageClosed
 from .local_store import LocalStore, open_connection, translate_sqlite_error
 from .migration import Migration, apply_migrations, check_migrations
 from .nats_link import NatsLink
 from .publisher import Publisher
 from .query_responder import QueryResponder
 from .row_writer import RowId, RowWriter
+from .schema_watch import SchemaWatch
 from .subjects import agent_inbox_prefix
 from .visibility import Visibility, parse_visibility
 
 log = logging.getLogger("agent_client")
 
 T = TypeVar("T")
-
-
-def _rows_as_dicts(cur: sqlite3.Cursor) -> list[dict[str, Any]]:
-    if cur.description is None:
-        return []
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
 
 class Transaction:
@@ -57,8 +51,9 @@ class Transaction:
         self._rows = rows
 
     async def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[dict[str, Any]]:
+        """Run one statement in the transaction; DDL keeps the capture in step (schema_change.execute)."""
         try:
-            return await self._conn.call(lambda c: _rows_as_dicts(c.execute(sql, params)))
+            return await self._conn.call(lambda c: schema_change.execute(c, sql, params))
         except sqlite3.Error as exc:
             raise translate_sqlite_error(exc) from exc
 
@@ -128,7 +123,8 @@ class AgentStorage:
             http_verify=self._htpc_verify,
         )
         self._publisher: Publisher | None = None
-        self._responder = QueryResponder(self.agent_id, self.db_path)
+        self._responder = QueryResponder(self.agent_id, self.db_path, controls={"resync": self._serve_resync})
+        self._schema_watch: SchemaWatch | None = None
         self._max_record_bytes = max_record_bytes
         self._max_in_flight = max_in_flight
         self._http_timeout = http_timeout
@@ -146,8 +142,11 @@ class AgentStorage:
         agent_id = self.agent_id
         self.epoch = await self._store.run(lambda c: catalog.init_schema(c, agent_id))
         await self._store.run(migration.init_schema)
+        await self._store.run(disk_space.convert_if_small)  # a database made before incremental auto-vacuum
         await self._store.write(catalog.resync_schema)
         self._reader = await open_connection(self.db_path)
+        self._schema_watch = SchemaWatch(self._store, self._reader)
+        await self._schema_watch.start()
         if self.replicate:
             self._publisher = Publisher(
                 store=self._store,
@@ -179,6 +178,8 @@ class AgentStorage:
         if self._closed:
             return
         self._closed = True
+        if self._schema_watch is not None:
+            await self._schema_watch.close()
         if self._publisher is not None:
             await self._publisher.close()
         await self._link.close()
@@ -261,6 +262,36 @@ class AgentStorage:
         async with self._store.exclusive_transaction() as conn:
             yield Transaction(conn, self._rows)
 
+    async def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[dict[str, Any]]:
+        """Run one SQL statement (any: DML or DDL) in a local transaction of its own; rows as dicts.
+
+        DDL keeps the capture in step in the same transaction: `ALTER TABLE t DROP COLUMN x` works on an
+        `always` table, a renamed table keeps its visibility, and the HTPC's copy follows (schema_change.py).
+        """
+        self._check_open()
+        return await self._store.write(lambda c: schema_change.execute(c, sql, params))  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ resync
+    async def _serve_resync(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The HTPC's `{"control": "resync", "request_id": ...}` (resync.py): one local transaction, then the answer."""
+        try:
+            request_id = resync.validate_request_id(request.get("request_id"))
+            served = await self._store.write(lambda c: resync.serve(c, request_id))
+        except AgentStorageError as exc:
+            code = "invalid_request" if isinstance(exc, ValueError) else "resync_failed"
+            return {"error": code, "message": str(exc)}
+        if served.new:
+            log.warning(
+                "agent %s: resync %s served at change %d (%d unacknowledged change(s) superseded)",
+                self.agent_id,
+                served.request_id,
+                served.at_seq,
+                served.superseded,
+            )
+            if self._publisher is not None:
+                self._publisher.resynced(served.at_seq)
+        return {"resync": "accepted", "request_id": served.request_id, "at_seq": served.at_seq}
+
     # ------------------------------------------------------------------ reads
     async def query_local(
         self, query: str, params: Sequence[Any] | Mapping[str, Any] | None = None
@@ -268,7 +299,7 @@ class AgentStorage:
         """Run SQL on the local database (fast, never touches the network); rows as dicts."""
         self._check_open()
         try:
-            return await self._read(lambda c: _rows_as_dicts(c.execute(query, params or ())))
+            return await self._read(lambda c: schema_change.rows_as_dicts(c.execute(query, params or ())))
         except sqlite3.Error as exc:
             raise translate_sqlite_error(exc) from exc
 
@@ -353,7 +384,8 @@ class AgentStorage:
 
     # ------------------------------------------------------------------ health
     async def health_check(self) -> dict[str, Any]:
-        """Storage health: local db, NATS link, backlog, last publish, message id collisions, tables by visibility."""
+        """Storage health: local db (with its size and the change log's), NATS link, backlog, why publishing is
+        blocked (if it is), last publish, message id collisions, tables by visibility."""
         self._check_open()
         local: dict[str, Any] = {"path": str(self.db_path)}
         try:
@@ -366,6 +398,18 @@ class AgentStorage:
         by_vis: dict[str, list[str]] = {v.value: [] for v in Visibility}
         for name, vis in sorted(tables.items()):
             by_vis[vis.value].append(name)
+        try:
+            space = await self._read(disk_space.space)
+            log_bytes = await self._read(disk_space.log_bytes)
+            local.update(
+                file_bytes=space.file_bytes,
+                free_bytes=space.free_bytes,
+                auto_vacuum=space.auto_vacuum,
+                log_bytes=log_bytes,
+            )
+        except sqlite3.Error as exc:
+            log_bytes = None
+            local.setdefault("error", str(exc))
         pub = self._publisher
         backlog, age = (await pub.backlog()) if pub else (0, None)
         return {
@@ -384,6 +428,16 @@ class AgentStorage:
             },
             "htpc_connection": self._link.connected,
             "backlog": {"changes": backlog, "oldest_age_s": age},
+            # bytes the local change log takes on disk (it grows while NATS is down; pages go back after a drain)
+            "log_bytes": log_bytes,
+            # why the publisher cannot send (a change too large for the stream, JetStream refusing it, no PubAck
+            # for a long time while connected) and since when; None while it can. Also sent to the HTPC.
+            "blocked": pub.blocked if pub else None,
+            "blocked_since": pub.blocked_since if pub else None,
+            "status_reports": pub.status_reports if pub else 0,
+            "last_status_at": pub.last_status_at if pub else None,
+            # a schema change made outside agent_client that could not be followed (None when all is in step)
+            "schema_problem": self._schema_watch.last_error if self._schema_watch else None,
             "sync_queue_size": backlog,
             "last_committed_seq": await self.last_committed_seq(),
             "acked_seq": pub.acked_seq if pub else None,

@@ -16,16 +16,19 @@ and take a `sqlite3.Connection`; they run on the connection's own thread.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
 
 from . import change_log
-from .errors import InvalidIdentifier, MissingPrimaryKey, TableTooWide, UnknownTable
+from .errors import AgentStorageError, InvalidIdentifier, MissingPrimaryKey, TableTooWide, UnknownTable
 from .identifiers import is_valid_identifier
 from .statements import split_statements
 from .visibility import Visibility
+
+log = logging.getLogger("agent_client.catalog")
 
 CATALOG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS _cr_meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -246,24 +249,76 @@ def apply_visibility(conn: sqlite3.Connection, table: str, visibility: Visibilit
     return True
 
 
-def resync_schema(conn: sqlite3.Connection) -> list[str]:
+def _forget(conn: sqlite3.Connection, name: str, visibility: Visibility) -> None:
+    """The table `name` is gone: drop its triggers and its declaration; an X makes the HTPC forget it."""
+    change_log.drop_triggers(conn, name)
+    if visibility is not Visibility.PRIVATE:
+        conn.execute(
+            "INSERT INTO _cr_layouts (tbl, columns, pk, sql, visibility) VALUES (?, '[]', '[]', NULL, ?)",
+            (name, visibility.value),
+        )
+        lid = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        change_log.append(conn, int(lid), "X")
+    conn.execute("DELETE FROM _cr_tables WHERE name = ?", (name,))
+
+
+def follow_rename(conn: sqlite3.Connection, old: str, new: str) -> bool:
+    """The declared table `old` is now called `new`: the visibility follows the table.
+
+    Logs an X for `old` and declares `new` with the same visibility (for `always`: new triggers, S and a
+    snapshot), in the caller's transaction. A new name that cannot be replicated (not a plain identifier)
+    leaves the table private, with a warning. Returns True if `new` kept the visibility.
+    """
+    known = current_tables(conn).get(old)
+    if known is None:
+        return False
+    visibility = known[0]
+    _forget(conn, old, visibility)  # also drops the triggers named for `old`, which SQLite moved onto `new`
+    if visibility is Visibility.PRIVATE:
+        return False
+    try:
+        apply_visibility(conn, new, visibility)
+    except AgentStorageError as exc:
+        log.warning("table %r was renamed to %r, which stays private: %s", old, new, exc)
+        return False
+    log.info("table %r was renamed to %r: it stays %s", old, new, visibility.value)
+    return True
+
+
+def _renamed_captures(conn: sqlite3.Connection) -> dict[str, str]:
+    """Declared `always` tables renamed since their capture: {old name: new name}.
+
+    SQLite moves a table's triggers with it on RENAME (whoever ran it) and keeps their names, so the
+    triggers named for `old` now being on an undeclared table `new` is a rename.
+    """
+    tables = current_tables(conn)
+    out: dict[str, str] = {}
+    for name, (vis, _layout, _sql) in tables.items():
+        if vis is not Visibility.ALWAYS:
+            continue
+        now_on = change_log.trigger_table(conn, name)
+        if now_on is not None and now_on != name and now_on not in tables:
+            out[name] = now_on
+    return out
+
+
+def resync_schema(conn: sqlite3.Connection, renames: dict[str, str] | None = None) -> list[str]:
     """Re-capture every declared table whose definition changed (after a migration or out-of-band DDL).
 
-    A dropped table is forgotten (X for replicated ones). Returns the tables touched.
+    A renamed table keeps its visibility (X for the old name, S + snapshot under the new one): recognised by
+    its capture triggers for `always` tables, or told by `renames` ({old: new}, from schema_change). A
+    dropped table is forgotten (X for replicated ones). Returns the tables touched.
     """
     touched: list[str] = []
+    for old, new in {**(renames or {}), **_renamed_captures(conn)}.items():
+        if new in current_tables(conn) or old not in current_tables(conn):
+            continue
+        follow_rename(conn, old, new)
+        touched += [old, new]
     existing = set(user_tables(conn))
     for name, (vis, _layout, sql) in current_tables(conn).items():
         if name not in existing:
-            change_log.drop_triggers(conn, name)
-            if vis is not Visibility.PRIVATE:
-                conn.execute(
-                    "INSERT INTO _cr_layouts (tbl, columns, pk, sql, visibility) VALUES (?, '[]', '[]', NULL, ?)",
-                    (name, vis.value),
-                )
-                lid = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-                change_log.append(conn, int(lid), "X")
-            conn.execute("DELETE FROM _cr_tables WHERE name = ?", (name,))
+            _forget(conn, name, vis)
             touched.append(name)
             continue
         info = table_info(conn, name)

@@ -35,6 +35,7 @@ import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .change_record import RESYNC_LAYOUT_ID, sqlite_text
 from .errors import LocalDatabaseError
 from .identifiers import quote_identifier
 from .statements import split_statements
@@ -181,6 +182,27 @@ def create_triggers(
     )
 
 
+def trigger_table(conn: sqlite3.Connection, table: str) -> str | None:
+    """The table the capture triggers made for `table` are on now (None if there are none).
+
+    SQLite's `ALTER TABLE t RENAME TO u` moves a table's triggers with it and keeps their names, so the
+    triggers named for `t` being on `u` is how a rename made by any connection is recognised.
+    """
+    row = conn.execute(
+        "SELECT tbl_name FROM sqlite_master WHERE type = 'trigger' AND name = ?", (_trigger_names(table)[0],)
+    ).fetchone()
+    return str(row[0]) if row else None
+
+
+def owner_of_trigger(conn: sqlite3.Connection, trigger: str) -> str | None:
+    """The table a capture trigger (`_cr_<table>_ins|upd|del`) is on, or None if `trigger` is not one of ours."""
+    row = conn.execute(
+        "SELECT tbl_name FROM sqlite_master WHERE type = 'trigger' AND name = ? AND instr(sql, '_cr_log') > 0",
+        (trigger,),
+    ).fetchone()
+    return str(row[0]) if row else None
+
+
 def triggers_present(conn: sqlite3.Connection, table: str) -> bool:
     """Are the table's three capture triggers there, made by the current capture rules?"""
     names = _trigger_names(table)
@@ -195,6 +217,26 @@ def triggers_present(conn: sqlite3.Connection, table: str) -> bool:
 def append(conn: sqlite3.Connection, layout_id: int, op: str, values_sql: Sequence[str] = ()) -> None:
     """Log one change (S, V, X) in the open group; `values_sql` are SQL expressions (e.g. `'on_demand'`)."""
     conn.execute(_insert_sql(layout_id, op, values_sql))
+
+
+def append_resync(conn: sqlite3.Connection, request_id: str) -> int:
+    """Log a resync (R, layout 0, values = [request_id]) in the open group; returns its seq."""
+    cur = conn.execute(
+        f"INSERT INTO _cr_log (tx, layout, op, at, v0) VALUES ({_CLOCK_SQL}, {RESYNC_LAYOUT_ID}, 'R', {NOW_SQL}, ?)",
+        (request_id,),
+    )
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def forget_before(conn: sqlite3.Connection, seq: int) -> int:
+    """Delete every log row (and fresh-id nonce) below `seq`: a resync's snapshot supersedes them.
+
+    Returns how many rows went. Rows already acknowledged but not yet trimmed go too (trim would delete them).
+    """
+    cur = conn.execute("DELETE FROM _cr_log WHERE seq < ?", (seq,))
+    conn.execute("DELETE FROM _cr_msg_nonce WHERE first < ?", (seq,))
+    return int(cur.rowcount)
 
 
 def append_snapshot(conn: sqlite3.Connection, layout_id: int, table: str, columns: Sequence[str]) -> None:
@@ -233,14 +275,34 @@ def read_closed(
     conn.execute("BEGIN")
     try:
         cols = "".join(f", v{i}" for i in range(max(width(conn), 1)))
-        rows = conn.execute(
+        rows = _fetch_all(
+            conn,
             f"SELECT seq, tx, layout, op, at{cols} FROM _cr_log "
             f"WHERE seq > ? AND tx < {_CLOCK_SQL} ORDER BY seq LIMIT ?",
             (cursor, limit),
-        ).fetchall()
+        )
     finally:
         conn.execute("COMMIT")
     return rows
+
+
+def _fetch_all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[LogRow]:
+    """All rows, TEXT decoded by Python's own (fast) factory; read again with `sqlite_text` (InvalidText for TEXT
+    that is not UTF-8) only when a value needs it: the publisher's hot path keeps its speed."""
+    factory = conn.text_factory
+    conn.text_factory = str
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "Could not decode to UTF-8" not in str(exc):
+            raise
+    finally:
+        conn.text_factory = factory
+    conn.text_factory = sqlite_text
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.text_factory = factory
 
 
 def bounds(conn: sqlite3.Connection) -> tuple[int, int]:

@@ -9,10 +9,17 @@ things JSON cannot say are tagged objects: BLOBs `{"b": base64}`, non-finite
 REALs `{"f": "inf"|"-inf"|"nan"}` and TEXT whose bytes are not UTF-8
 `{"t": base64}` (see `InvalidText`).
 
+Three kinds of record share the agents' subjects: `changes` (a run of an
+agent's changes, `ChangeRecord`), `relay` (rows written through the HTTP relay,
+`RelayRecord`) and `status` (what an agent's publisher reports about itself,
+`AgentStatusRecord`; never sequenced).
+
 This module is the only place that knows the layout of a record: the
 publisher builds its bytes with `change_json`, `layout_json` and
 `change_record_bytes`, the replicator reads them with `decode_record` and
-`decode_values`, and every message id is made by `msg_id`/`relay_msg_id` (keyed: see there).
+`decode_values`, and every message id is made by `msg_id`/`status_msg_id`/`relay_msg_id` (keyed: see there).
+`sqlite_text` is the text factory every reader of agent data uses, so TEXT
+that is not UTF-8 is read as `InvalidText` instead of failing.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import base64
 import hashlib
 import hmac
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -36,8 +44,15 @@ RECORD_VERSION: Literal[1] = 1
 #: Change operations. U: upsert the full row image; D: delete by primary key;
 #: S: (re)create the table empty from `sql` (a snapshot's rows follow);
 #: X: the table is no longer replicated, drop the central copy;
-#: V: announce a non-replicated table's visibility (values = [visibility]).
-Op = Literal["U", "D", "S", "X", "V"]
+#: V: announce a non-replicated table's visibility (values = [visibility]);
+#: R: resync: everything before this change is replaced by the snapshot that follows (S + U ... V ...),
+#: values = [request_id]; its layout id is 0 and need not be in `layouts`. Only ever the first change of a record.
+Op = Literal["U", "D", "S", "X", "V", "R"]
+
+#: The layout id of an R change (it names no table).
+RESYNC_LAYOUT_ID = 0
+#: A resync request id: 32 lowercase hex characters.
+RESYNC_REQUEST_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 #: The range of SQLite's INTEGER storage class.
 INT64_MIN = -(2**63)
@@ -60,6 +75,18 @@ class InvalidText(bytes):
 
     def __repr__(self) -> str:
         return f"InvalidText({bytes(self)!r})"
+
+
+def sqlite_text(data: bytes) -> str | InvalidText:
+    """The text factory of every connection that reads agent data: `str` for UTF-8, else `InvalidText`.
+
+    Python's default factory raises "Could not decode to UTF-8" for TEXT that is not UTF-8, which made such a
+    value impossible to read, publish or query; with this one it travels as `{"t": base64}`.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return InvalidText(data)
 
 
 class TableLayout(BaseModel):
@@ -123,6 +150,9 @@ class ChangeRecord(BaseModel):
             if seq != expected:
                 raise ValueError(f"change sequence {seq} out of order (expected {expected})")
             expected += 1
+            if op == "R":
+                _check_resync_change(seq, layout_id, values, first=seq == self.first_seq)
+                continue
             layout = self.layouts.get(str(layout_id))
             if layout is None:
                 raise ValueError(f"change {seq} names unknown layout {layout_id}")
@@ -133,6 +163,23 @@ class ChangeRecord(BaseModel):
             if op == "S" and not layout.sql:
                 raise ValueError(f"change {seq}: schema change without sql")
         return self
+
+    @property
+    def resync_request(self) -> str | None:
+        """The request id when this is a resync record (its first change is R), else None."""
+        if self.changes and self.changes[0][1] == "R":
+            request_id = self.changes[0][3][0]
+            return str(request_id)
+        return None
+
+
+def _check_resync_change(seq: int, layout_id: int, values: list[Any], *, first: bool) -> None:
+    if not first:
+        raise ValueError(f"change {seq}: a resync (R) must be the first change of its record")
+    if layout_id != RESYNC_LAYOUT_ID:
+        raise ValueError(f"change {seq}: a resync (R) has layout {RESYNC_LAYOUT_ID}, not {layout_id}")
+    if len(values) != 1 or not isinstance(values[0], str) or not re.fullmatch(RESYNC_REQUEST_ID_PATTERN, values[0]):
+        raise ValueError(f"change {seq}: a resync (R) carries exactly its request id (32 lowercase hex)")
 
 
 class RelayRow(BaseModel):
@@ -158,7 +205,32 @@ class RelayRecord(BaseModel):
     rows: list[RelayRow] = Field(min_length=1)
 
 
-AnyRecord = ChangeRecord | RelayRecord
+class AgentStatusRecord(BaseModel):
+    """What an agent's publisher reports about itself (kind `status`, on the agent's changes subject).
+
+    Sent after it (re)connects, whenever `blocked` changes and every 30 s while it has a backlog or is blocked.
+    Never sequenced: the HTPC keeps the newest one per agent (lag against what exists, and why it is stuck).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = RECORD_VERSION
+    kind: Literal["status"] = "status"
+    agent_id: str = Field(pattern=f"^{AGENT_ID_PATTERN}$")
+    epoch: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    #: the newest committed change sequence of the agent's database
+    last_seq: StrictInt = Field(ge=0)
+    #: the newest sequence JetStream acknowledged
+    acked_seq: StrictInt = Field(ge=0)
+    #: why the publisher cannot send (None while it can)
+    blocked: StrictStr | None = None
+    #: bytes the local change log takes on disk
+    log_bytes: StrictInt = Field(ge=0)
+    #: when the agent made this report (unix time)
+    at: float
+
+
+AnyRecord = ChangeRecord | RelayRecord | AgentStatusRecord
 
 
 def encode_value(value: SQLiteValue) -> Any:
@@ -229,6 +301,8 @@ def decode_values(values: list[Any]) -> list[SQLiteValue]:
 
 
 def encode_record(record: AnyRecord) -> bytes:
+    if isinstance(record, AgentStatusRecord):  # `blocked: null` says "not blocked" in so many words
+        return orjson.dumps(record.model_dump())
     return orjson.dumps(record.model_dump(exclude_none=True))
 
 
@@ -249,6 +323,8 @@ def decode_record(data: bytes) -> AnyRecord:
             return ChangeRecord.model_validate(obj)
         if kind == "relay":
             return RelayRecord.model_validate(obj)
+        if kind == "status":
+            return AgentStatusRecord.model_validate(obj)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
@@ -337,6 +413,15 @@ def msg_id(agent_id: str, epoch: str, first_seq: int, last_seq: int, *, secret: 
     """
     text = f"{epoch}:{first_seq}-{last_seq}" if nonce is None else f"{epoch}:{first_seq}-{last_seq}:{nonce}"
     return f"{agent_id}:{_mac(secret, text)}"
+
+
+def status_msg_id(agent_id: str, epoch: str, *, secret: bytes, nonce: str) -> str:
+    """The JetStream dedup id of a status record: `<agent_id>:<mac>`, fresh for every report (`nonce`).
+
+    `mac` is HMAC-SHA256(secret, "<epoch>:status:<nonce>"): the agent's own id form (the HTPC accepts only that
+    on its subject), never equal to a change record's id, never a duplicate of an earlier report.
+    """
+    return f"{agent_id}:{_mac(secret, f'{epoch}:status:{nonce}')}"
 
 
 def relay_msg_id(agent_id: str, idempotency_key: str, *, secret: bytes) -> str:

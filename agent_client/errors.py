@@ -102,5 +102,9 @@ class QueryTimeout(QueryError, TimeoutError):
     code = "query_timeout"
 
 
+class InvalidResyncRequest(AgentStorageError, ValueError):
+    """A resync request the agent cannot serve as asked (its request_id is not 32 lowercase hex)."""
+
+
 class CredentialsError(AgentStorageError):
     """The agent's NATS or HTPC credentials could not be read."""

@@ -18,7 +18,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import disk_space
 from ._sqlite_thread import SQLiteThread
+from .change_record import sqlite_text
 from .errors import ConstraintViolation, LocalDatabaseError, StorageClosed, StorageFull
 
 T = TypeVar("T")
@@ -41,11 +43,23 @@ def translate_sqlite_error(exc: BaseException) -> BaseException:
     return LocalDatabaseError(f"local database error: {msg}")
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+#: The WAL file is cut back to this after a checkpoint (a drained backlog leaves no giant WAL behind).
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to an agent database with the agent's policy (also used by `python -m agent_client`).
+
+    WAL, busy timeout, foreign keys, recursive triggers; TEXT that is not UTF-8 reads as `InvalidText`; a new
+    database gets incremental auto-vacuum (disk_space.py).
+    """
     conn = sqlite3.connect(path, isolation_level=None)
     try:
+        conn.text_factory = sqlite_text
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        disk_space.prepare_new(conn)
         conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA recursive_triggers = ON")
@@ -56,8 +70,8 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 async def open_connection(path: Path) -> SQLiteThread:
-    """Open `path` (WAL mode, busy timeout, foreign keys, recursive triggers) on a thread of its own."""
-    return await SQLiteThread(lambda: _connect(path), name=f"sqlite:{path.name}").open()
+    """Open `path` (see `connect`) on a thread of its own."""
+    return await SQLiteThread(lambda: connect(path), name=f"sqlite:{path.name}").open()
 
 
 class LocalStore:

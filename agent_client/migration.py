@@ -2,7 +2,8 @@
 
 Each migration runs in its own transaction together with the re-capture of
 any replicated table it changed, so the DDL and the new trigger set reach the
-change log atomically. Re-running a set is a no-op; an applied migration whose
+change log atomically (a renamed table keeps its visibility; a column of an
+`always` table can be dropped: see schema_change.py). Re-running a set is a no-op; an applied migration whose
 SQL changed is refused rather than silently diverging.
 """
 
@@ -14,7 +15,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from . import catalog
+from . import catalog, schema_change
 from .errors import MigrationConflict, MigrationFailed
 from .statements import split_statements
 
@@ -88,13 +89,14 @@ def apply_migrations(conn: sqlite3.Connection, migrations: list[Migration]) -> l
             )
         conn.execute("BEGIN IMMEDIATE")
         try:
+            renames: dict[str, str] = {}
             for stmt in _statements(m.sql):
-                conn.execute(stmt)
+                schema_change.run_statement(conn, stmt, renames=renames)  # DROP COLUMN of a captured table too
             conn.execute(
                 "INSERT INTO _cr_schema_version (version, name, checksum, applied_at) VALUES (?, ?, ?, ?)",
                 (m.version, m.name, m.checksum, time.time()),
             )
-            catalog.resync_schema(conn)
+            catalog.resync_schema(conn, renames)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             conn.execute("ROLLBACK")

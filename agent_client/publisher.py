@@ -17,6 +17,22 @@ crash). Any other duplicate is a collision, someone else's message holding
 the id: the record is kept, published again under a fresh id (its nonce is
 saved first, so a crash cannot lose it either), counted and reported by
 `health_check()`. The HTPC drops a true copy by its sequence numbers.
+
+Never stuck silently. A change that cannot be sent at all (its record is
+larger than the stream accepts, or JetStream refuses it with an error) makes
+the publisher `blocked`, with the reason and since when, in `health_check()`
+and in the agent status record (change_record.AgentStatusRecord) it publishes
+after it (re)connects, whenever `blocked` changes and every 30 s while it has
+a backlog or is blocked; the change is retried with a long backoff. Publishing
+that keeps failing without an answer while connected (no PubAck for
+`stuck_after_s`) is reported as blocked too, but retried at the usual pace.
+A resync (resync.py) deletes the unacknowledged changes it supersedes: the
+publisher forgets what it read of them (`resynced`) and goes on from the
+resync's R change, which is how a change that cannot be sent is healed once
+its row was fixed.
+
+After a large drain the pages the log held are given back to the file system
+(disk_space.reclaim, a bounded step at a time through the writer queue).
 """
 
 from __future__ import annotations
@@ -25,6 +41,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import secrets
 import time
 from collections import deque
@@ -32,12 +49,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats.js.errors
+from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from . import catalog, change_log
+from . import catalog, change_log, disk_space
 from ._sqlite_thread import SQLiteThread
 from .backoff import Backoff
-from .change_record import change_json, change_record_bytes, layout_json, msg_id
+from .change_record import (
+    RESYNC_LAYOUT_ID,
+    AgentStatusRecord,
+    change_json,
+    change_record_bytes,
+    encode_record,
+    layout_json,
+    msg_id,
+    status_msg_id,
+)
 from .local_store import LocalStore, open_connection
 from .nats_link import NatsLink
 from .stream import STREAM_NAME, ensure_stream
@@ -45,6 +73,10 @@ from .subjects import changes_subject
 
 #: Room kept in a record for what is not its changes (header, layouts with their schema SQL, msg id header).
 _ENVELOPE_BYTES = 16 * 1024
+#: A status record is sent at least this often while there is a backlog or a block.
+STATUS_INTERVAL_S = 30.0
+#: A status record that could not be sent is tried again after this.
+_STATUS_RETRY_S = 5.0
 
 log = logging.getLogger("agent_client.publisher")
 
@@ -58,6 +90,14 @@ class _Chunk:
     size: int = 0
     layouts: set[int] = field(default_factory=set)
     committed_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Record:
+    first: int
+    last: int
+    payload: bytes
+    tables: tuple[str, ...]
 
 
 @dataclass
@@ -77,6 +117,18 @@ class MsgIdCollision(PublishFailed):
     """Internal: JetStream called a record a duplicate of a message this publisher never stored."""
 
 
+class AckTimeout(PublishFailed):
+    """Internal: no PubAck in time. The next record is sent as a probe (see `_probe`)."""
+
+
+class Unsendable(PublishFailed):
+    """Internal: a record that cannot be sent as it is (too large, or refused by JetStream); `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Publisher:
     def __init__(
         self,
@@ -92,6 +144,10 @@ class Publisher:
         read_batch: int = 5000,
         ack_timeout: float = 5.0,
         poll_interval: float = 0.05,
+        status_interval: float = STATUS_INTERVAL_S,
+        blocked_retry_initial: float = 5.0,
+        blocked_retry_max: float = 60.0,
+        stuck_after_s: float = 60.0,
     ) -> None:
         self.store = store
         self.db_path = db_path
@@ -107,6 +163,8 @@ class Publisher:
         self.read_batch = read_batch
         self.ack_timeout = ack_timeout
         self.poll_interval = poll_interval
+        self.status_interval = status_interval
+        self.stuck_after_s = stuck_after_s
 
         self.acked_seq = 0
         self.last_publish_at: float | None = None
@@ -117,6 +175,24 @@ class Publisher:
         #: duplicate PubAcks for ids this publisher never stored: someone else's message held the id
         self.msg_id_collisions = 0
         self.last_msg_id_collision: dict[str, Any] | None = None
+        #: why the publisher cannot send (None while it can), and since when (unix time)
+        self.blocked: str | None = None
+        self.blocked_since: float | None = None
+        #: status records JetStream acknowledged, and when the last one was made
+        self.status_reports = 0
+        self.last_status_at: float | None = None
+        self._backoff = Backoff()
+        self._blocked_backoff = Backoff(blocked_retry_initial, blocked_retry_max)
+        self._retry_at = 0.0  # monotonic: no publishing attempt before it (after a failure)
+        self._failing_since: float | None = None  # first failure since the last acknowledged record
+        self._resync_at: int | None = None  # a resync superseded the log below this seq: rewind first
+        self._status_generation: int | None = None  # the connection the last status went out on
+        self._status_blocked: str | None = None
+        self._status_sent_at = -math.inf  # monotonic
+        self._status_retry_at = 0.0
+        self._check_space = False  # a trim happened: maybe give free pages back
+        self._probe = False  # a PubAck never came: send the next record alone and wait for its answer
+        self._stream_max_msg = 0  # the stream's max_msg_size (0: unknown or unlimited)
         self._secret = b""
         self._open_last = 0  # newest seq in the log at start: records up to it may have been sent before
         self._maybe_stored: dict[str, int] = {}  # ids sent whose outcome is unknown -> the record's last seq
@@ -155,6 +231,11 @@ class Publisher:
         """Called after every local commit: wake up and look at the log."""
         self._wake.set()
 
+    def resynced(self, at_seq: int) -> None:
+        """A resync was committed at `at_seq`: the log below it is gone. Forget what was read of it, retry now."""
+        self._resync_at = at_seq
+        self._wake.set()
+
     async def close(self) -> None:
         self._closing = True
         self._wake.set()
@@ -188,28 +269,121 @@ class Publisher:
 
     # ----------------------------------------------------------------- main loop
     async def _run(self) -> None:
-        backoff = Backoff()
         while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
             self._wake.clear()
-            try:
-                await self._close_open_group()
-                if self.link.connected and self.link.js is not None:
-                    if not self._stream_ready:
-                        await ensure_stream(self.link.js)
-                        self._stream_ready = True
-                    await self._fit_stream_limits()
-                    await self._pump()
-                    backoff.reset()
-                await self._maybe_trim()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # PublishFailed, NATS errors, a locked database
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.debug("publisher rewinding after: %s", self.last_error)
+            if self._resync_at is not None:
+                at_seq, self._resync_at = self._resync_at, None
+                log.info("agent %s: resync at change %d; publishing from there", self.agent_id, at_seq)
                 self._rewind()
-                await asyncio.sleep(backoff.next())
+                self._fresh = {key: nonce for key, nonce in self._fresh.items() if key[0] >= at_seq}
+                self._retry_at = 0.0
+                self._blocked_backoff.reset()
+                self._backoff.reset()
+            if time.monotonic() >= self._retry_at:
+                await self._attempt()
+            await self._report_status()
+
+    async def _attempt(self) -> None:
+        """One round: close the open group, publish what is closed, trim; a failure rewinds and sets the backoff."""
+        try:
+            await self._close_open_group()
+            if self.link.connected and self.link.js is not None:
+                if not self._stream_ready:
+                    await ensure_stream(self.link.js)
+                    self._stream_ready = True
+                await self._fit_stream_limits()
+                await self._pump()
+                self._backoff.reset()
+            else:
+                self._failing_since = None  # not a publishing failure: health shows the link down
+            await self._maybe_trim()
+            await self._maybe_reclaim()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # PublishFailed, NATS errors, a locked database
+            self._failed(exc)
+            return
+        if not self._in_flight and self._carry is None and self._cursor == self.acked_seq:
+            self._failing_since = None  # everything read is acknowledged: no failure is going on
+
+    def _failed(self, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.debug("publisher rewinding after: %s", self.last_error)
+        self._rewind()
+        now = time.time()
+        if self._failing_since is None:
+            self._failing_since = now
+        if isinstance(exc, AckTimeout):
+            self._probe = True
+        if isinstance(exc, Unsendable):
+            self._set_blocked(exc.reason)
+            delay = self._blocked_backoff.next()
+            log.error("agent %s: publishing is blocked: %s (next try in %.0f s)", self.agent_id, exc.reason, delay)
+        else:
+            if self.link.connected and now - self._failing_since >= self.stuck_after_s:
+                self._set_blocked(
+                    f"nothing acknowledged by JetStream after change {self.acked_seq} for "
+                    f"{now - self._failing_since:.0f} s while connected; last error: {self.last_error}"
+                )
+            delay = self._backoff.next()
+        self._retry_at = time.monotonic() + delay
+
+    def _set_blocked(self, reason: str) -> None:
+        if self.blocked is None:
+            self.blocked_since = time.time()
+        self.blocked = reason
+
+    def _progress(self) -> None:
+        """A record was acknowledged: whatever blocked the publisher is behind it."""
+        self._failing_since = None
+        if self.blocked is not None:
+            log.warning("agent %s: publishing resumed (was blocked: %s)", self.agent_id, self.blocked)
+            self.blocked = None
+            self.blocked_since = None
+            self._blocked_backoff.reset()
+
+    # ----------------------------------------------------------------- status records
+    async def _report_status(self) -> None:
+        """Send an agent status record when one is due: (re)connected, `blocked` changed, or every
+        `status_interval` while there is a backlog or a block. Never raises; a failed send is retried later."""
+        js = self.link.js
+        if js is None or not self.link.connected or self._reader is None:
+            return
+        now = time.monotonic()
+        if now < self._status_retry_at:
+            return
+        due = self._status_generation != self.link.generation or self._status_blocked != self.blocked
+        try:
+            if not due and now - self._status_sent_at >= self.status_interval:
+                last = await self._reader.call(change_log.last_committed_seq)
+                due = self.blocked is not None or last > self.acked_seq
+            if not due:
+                return
+            generation, blocked = self.link.generation, self.blocked
+            record = AgentStatusRecord(
+                agent_id=self.agent_id,
+                epoch=self.epoch,
+                last_seq=await self._reader.call(change_log.last_committed_seq),
+                acked_seq=max(0, self.acked_seq),
+                blocked=blocked,
+                log_bytes=await self._reader.call(disk_space.log_bytes),
+                at=time.time(),
+            )
+            mid = status_msg_id(self.agent_id, self.epoch, secret=self._secret, nonce=secrets.token_hex(16))
+            headers = {"Nats-Msg-Id": mid}
+            await js.publish(self.subject, encode_record(record), headers=headers, timeout=self.ack_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # NATS down or slow, a locked database: the next round tries again
+            log.debug("agent %s: status record not sent: %r", self.agent_id, exc)
+            self._status_retry_at = time.monotonic() + _STATUS_RETRY_S
+            return
+        self._status_generation, self._status_blocked = generation, blocked
+        self._status_sent_at = time.monotonic()
+        self.status_reports += 1
+        self.last_status_at = record.at
 
     def _rewind(self) -> None:
         self._generation = self.link.generation
@@ -276,6 +450,7 @@ class Publisher:
             log.debug("cannot read the stream's limits: %r", exc)
             return
         limit = info.config.max_msg_size or 0
+        self._stream_max_msg = max(0, limit)
         wanted = self._configured_max_record_bytes
         if limit > 0:
             wanted = max(1024, min(wanted, limit - _ENVELOPE_BYTES))
@@ -309,17 +484,36 @@ class Publisher:
                     # The last read ended exactly where its group did: nothing closed follows, so the
                     # carried part is that group's end.
                     carry, self._carry = self._carry, None
-                    await self._send(*self._finish(carry, final=True))
+                    await self._send(self._finish(carry, final=True))
                 break
-            await self._load_layouts({int(r[2]) for r in rows})
-            for record_first, record_last, payload in self._pack(rows, complete=len(rows) < limit):
-                await self._send(record_first, record_last, payload)
+            await self._load_layouts({int(r[2]) for r in rows} - {RESYNC_LAYOUT_ID})
+            for record in self._pack(rows, complete=len(rows) < limit):
+                await self._send(record)
             self._cursor = rows[-1][0]
             if len(rows) < limit:
                 break
         self._collect_acks()
 
-    async def _send(self, first: int, last: int, payload: bytes) -> None:
+    def _check_size(self, record: _Record) -> None:
+        """A record over what the server or the stream accepts would be refused on every attempt."""
+        nc = self.link.nc
+        limits = [n for n in (self._stream_max_msg, nc.max_payload if nc is not None else 0) if n and n > 0]
+        limit = min(limits, default=0)
+        size = len(record.payload)
+        if not limit or size <= limit:
+            return
+        if record.last > record.first:  # several changes: cut smaller records
+            self.max_record_bytes = max(1024, min(self.max_record_bytes, limit - _ENVELOPE_BYTES))
+            raise PublishFailed(f"a record of {size} bytes is over the limit of {limit}; cutting smaller records")
+        raise Unsendable(
+            f"change {record.first} (table {', '.join(record.tables) or '?'}) makes a record of {size} bytes; "
+            f"NATS/JetStream accept at most {limit} (the stream's max_msg_size, the server's max_payload). Make the "
+            f"row smaller, or raise the limit (HTPC --max-record-bytes); after fixing the row, resync the agent "
+            f"(`replicator resync {self.agent_id}`)"
+        )
+
+    async def _send(self, record: _Record) -> None:
+        first, last, payload = record.first, record.last, record.payload
         js = self.link.js
         if js is None:
             raise PublishFailed("not connected")
@@ -329,11 +523,41 @@ class Publisher:
             raise PublishFailed("the NATS connection was lost while records were in flight")
         while len(self._in_flight) >= self.max_in_flight:
             await self._await_head()
+        self._check_size(record)
         nonce = self._fresh.get((first, last))
         mid = msg_id(self.agent_id, self.epoch, first, last, secret=self._secret, nonce=nonce)
-        fut = await js.publish_async(self.subject, payload, headers={"Nats-Msg-Id": mid})
-        fut.add_done_callback(lambda _f: self._wake.set())
+        if self._probe:
+            fut = await self._send_probe(js, record, mid)
+        else:
+            fut = await js.publish_async(self.subject, payload, headers={"Nats-Msg-Id": mid})
+            fut.add_done_callback(lambda _f: self._wake.set())
         self._in_flight.append(_InFlight(first, last, mid, fut, time.monotonic() + self.ack_timeout))
+
+    async def _send_probe(self, js: JetStreamContext, record: _Record, mid: str) -> asyncio.Future[PubAck]:
+        """Publish one record and wait for its answer (after a PubAck never came).
+
+        nats-py never resolves a `publish_async` future whose answer is a JetStream error (it raises inside its
+        reply handler instead): a refused record looks like a lost PubAck. A plain publish gets the refusal as
+        an exception, so the publisher can say why it is blocked. Its outcome goes in flight like any other.
+        """
+        fut: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+        try:
+            ack = await js.publish(self.subject, record.payload, headers={"Nats-Msg-Id": mid}, timeout=self.ack_timeout)
+        except nats.js.errors.APIError as exc:
+            if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+                self._maybe_stored[mid] = record.last
+                raise AckTimeout(f"JetStream unavailable for changes {record.first}-{record.last}: {exc}") from None
+            raise Unsendable(
+                f"JetStream refused changes {record.first}-{record.last}: {exc.description or exc} "
+                f"(code {exc.code}, err_code {exc.err_code}); retried on a long backoff. If it can never be stored, "
+                f"fix the row, then `replicator resync {self.agent_id}`"
+            ) from None
+        except Exception as exc:  # timeout, connection lost: the record may have been stored
+            self._maybe_stored[mid] = record.last
+            raise AckTimeout(f"no PubAck for changes {record.first}-{record.last}: {exc!r}") from None
+        self._probe = False
+        fut.set_result(ack)
+        return fut
 
     async def _await_head(self) -> None:
         head = self._in_flight[0]
@@ -341,7 +565,7 @@ class Publisher:
         if not head.future.done():
             done, _ = await asyncio.wait({head.future}, timeout=max(0.0, remaining))
             if not done:
-                raise PublishFailed(f"no PubAck for changes {head.first}-{head.last} within {self.ack_timeout}s")
+                raise AckTimeout(f"no PubAck for changes {head.first}-{head.last} within {self.ack_timeout}s")
         self._collect_acks()
 
     def _collect_acks(self) -> None:
@@ -352,11 +576,17 @@ class Publisher:
                 head = self._in_flight[0]
                 if not head.future.done():
                     if now > head.deadline:
-                        raise PublishFailed(
-                            f"no PubAck for changes {head.first}-{head.last} within {self.ack_timeout}s"
-                        )
+                        raise AckTimeout(f"no PubAck for changes {head.first}-{head.last} within {self.ack_timeout}s")
                     break
                 exc = head.future.exception() if not head.future.cancelled() else PublishFailed("cancelled")
+                if isinstance(exc, nats.js.errors.APIError) and not isinstance(
+                    exc, nats.js.errors.ServiceUnavailableError
+                ):
+                    raise Unsendable(
+                        f"JetStream refused changes {head.first}-{head.last}: {exc.description or exc} "
+                        f"(code {exc.code}, err_code {exc.err_code}); retried on a long backoff. If it can never be "
+                        f"stored, fix the row, then `replicator resync {self.agent_id}`"
+                    )
                 if exc is not None:
                     raise PublishFailed(f"publish of changes {head.first}-{head.last} failed: {exc!r}")
                 ack = head.future.result()
@@ -379,6 +609,7 @@ class Publisher:
             if advanced:  # also when a later head failed: waiters see what was acknowledged before it
                 self.last_publish_at = time.time()
                 self.last_error = None
+                self._progress()
                 self._acked_event.set()
 
     async def _maybe_trim(self) -> None:
@@ -393,6 +624,19 @@ class Publisher:
             self._fresh = {key: nonce for key, nonce in self._fresh.items() if key[1] > acked}
         self._trimmed_seq = acked
         self._last_trim = time.monotonic()
+        self._check_space = True
+
+    async def _maybe_reclaim(self) -> None:
+        """Once everything sent is acknowledged, give the pages a large trim freed back (a bounded step a round)."""
+        if not self._check_space or self._in_flight or self._carry is not None:
+            return
+        assert self._reader is not None
+        space = await self._reader.call(disk_space.space)
+        if not space.reclaimable:
+            self._check_space = False
+            return
+        left = await self.store.write(disk_space.reclaim)
+        log.debug("agent %s: gave free pages back (%d of %d left)", self.agent_id, left, space.free_pages)
 
     # ----------------------------------------------------------------- packing
     async def _load_layouts(self, ids: set[int]) -> None:
@@ -411,21 +655,25 @@ class Publisher:
                     visibility=layout.visibility,
                 )
 
-    def _pack(self, rows: list[change_log.LogRow], *, complete: bool) -> list[tuple[int, int, bytes]]:
+    def _pack(self, rows: list[change_log.LogRow], *, complete: bool) -> list[_Record]:
         """Cut rows into records; a trailing open chunk is carried to the next read unless complete."""
-        out: list[tuple[int, int, bytes]] = []
+        out: list[_Record] = []
         chunk = self._carry
         for row in rows:
             seq, tx, layout_id, op, at = row[0], row[1], row[2], row[3], row[4]
-            layout = self._layouts[layout_id]
-            if op == "U":
-                values = row[5 : 5 + len(layout.columns)]
-            elif op == "D":
-                values = row[5 : 5 + len(layout.pk)]
-            elif op == "V":
+            if chunk is not None and seq != chunk.last + 1:
+                # Only a resync deletes log rows that were not acknowledged: what was read of them is void.
+                raise PublishFailed(f"changes after {chunk.last} left the log (a resync superseded them); rewinding")
+            if op == "V" or op == "R":
                 values = row[5:6]
             else:
-                values = ()
+                layout = self._layouts[layout_id]
+                if op == "U":
+                    values = row[5 : 5 + len(layout.columns)]
+                elif op == "D":
+                    values = row[5 : 5 + len(layout.pk)]
+                else:
+                    values = ()
             part = change_json(seq, op, layout_id, values)
             if chunk is not None and (
                 tx != chunk.tx
@@ -439,7 +687,8 @@ class Publisher:
             chunk.parts.append(part)
             chunk.size += len(part) + 1
             chunk.last = seq
-            chunk.layouts.add(layout_id)
+            if layout_id != RESYNC_LAYOUT_ID:
+                chunk.layouts.add(layout_id)
             chunk.committed_at = at
         if chunk is not None and complete:
             out.append(self._finish(chunk, final=True))
@@ -447,7 +696,7 @@ class Publisher:
         self._carry = chunk
         return out
 
-    def _finish(self, chunk: _Chunk, *, final: bool) -> tuple[int, int, bytes]:
+    def _finish(self, chunk: _Chunk, *, final: bool) -> _Record:
         payload = change_record_bytes(
             agent_id=self.agent_id,
             epoch=self.epoch,
@@ -458,4 +707,5 @@ class Publisher:
             layouts_json={lid: self._layout_json[lid] for lid in chunk.layouts},
             changes_json=chunk.parts,
         )
-        return chunk.first, chunk.last, payload
+        tables = tuple(sorted({self._layouts[lid].table for lid in chunk.layouts}))
+        return _Record(chunk.first, chunk.last, payload, tables)

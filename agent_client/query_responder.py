@@ -5,6 +5,11 @@ Request on `agents.<agent_id>.query`: JSON `{"query": str, "params": list|object
 "truncated": bool}` or `{"error": code, "message": str}`. Only tables declared
 `always` or `on_demand` can be read; private tables are refused by the
 authorizer, so a forwarded query can never reach them.
+
+A request with a `control` key is not a query but an instruction from the
+HTPC, handed to the callback registered for it: `{"control": "resync",
+"request_id": ...}` (resync.py) is answered `{"resync": "accepted",
+"request_id", "at_seq"}`. An unknown control is answered with an error.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +86,17 @@ def answer_query(
         return {"error": "agent_error", "message": f"agent database error: {exc}"}
 
 
+#: A control's handler: the request (a JSON object) -> the reply (never raises).
+ControlHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
 class QueryResponder:
-    def __init__(self, agent_id: str, db_path: Path) -> None:
+    def __init__(self, agent_id: str, db_path: Path, *, controls: Mapping[str, ControlHandler] | None = None) -> None:
         self.agent_id = agent_id
         self.db_path = db_path
         self.answered = 0
+        self.controls_answered = 0
+        self._controls = dict(controls or {})
         self._max_reply_bytes: int | None = None
 
     async def subscribe(self, nc: NATS) -> None:
@@ -102,11 +114,26 @@ class QueryResponder:
         except ValueError as exc:
             reply: dict[str, Any] = {"error": "invalid_query", "message": f"bad request: {exc}"}
         else:
-            reply = await asyncio.to_thread(
-                answer_query, self.db_path, request, self.agent_id, max_reply_bytes=self._max_reply_bytes
-            )
+            if "control" in request:
+                reply = await self._control(request)
+            else:
+                reply = await asyncio.to_thread(
+                    answer_query, self.db_path, request, self.agent_id, max_reply_bytes=self._max_reply_bytes
+                )
         self.answered += 1
         try:
             await msg.respond(orjson.dumps(reply))
         except Exception as exc:  # the requester may have gone away
             log.debug("could not answer query: %r", exc)
+
+    async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = request.get("control")
+        handler = self._controls.get(name) if isinstance(name, str) else None
+        if handler is None:
+            return {"error": "unknown_control", "message": f"this agent does not know the control {name!r:.80}"}
+        self.controls_answered += 1
+        try:
+            return await handler(request)
+        except Exception as exc:  # a handler answers its own errors; this is the last guard
+            log.exception("control %s failed", name)
+            return {"error": "agent_error", "message": f"{name} failed: {type(exc).__name__}: {exc}"}

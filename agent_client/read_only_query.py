@@ -8,6 +8,10 @@ builtins whose one step can be long are replaced by guarded ones, and a
 statement whose prepare step would expand too far is refused, see
 `_sql_guards`), in rows and in bytes (each value, each value a function makes,
 the whole answer); parameters are always bound, never spliced into the text.
+
+Answers carry values in the wire form of change records (`encode_values`): a
+BLOB is `{"b": base64}`, a non-finite REAL `{"f": "inf"}`, and TEXT whose bytes
+are not UTF-8 `{"t": base64}` (read as `InvalidText`, never a decode error).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 import orjson
 
 from ._sql_guards import LIKE_PATTERN_BYTES, MAX_EXPANSION, GuardAbort, GuardedConnection, expansion_estimate, install
-from .change_record import encode_values
+from .change_record import encode_values, sqlite_text
 from .errors import QueryError, QueryRejected, QueryTimeout
 
 #: Functions that reach outside the database or change the connection.
@@ -186,6 +190,8 @@ def run_read_only(
         return 0
 
     _set_limits(conn, max_value_read_bytes)
+    text_factory = conn.text_factory
+    conn.text_factory = sqlite_text  # TEXT that is not UTF-8 answers as {"t": base64}, like a BLOB as {"b": ...}
     guards = install(conn)
     guards.arm(deadline, max_value_bytes, max_value_read_bytes)
     conn.set_authorizer(_authorizer(policy, denied))
@@ -206,6 +212,7 @@ def run_read_only(
         raise QueryError(f"bad query parameters: {exc}") from None
     finally:
         guards.deadline = float("inf")
+        conn.text_factory = text_factory
         conn.set_progress_handler(None, 0)
         conn.set_authorizer(None)
 

@@ -1,10 +1,11 @@
 """Agent-side figures: write latency, concurrent write throughput, publish throughput, with NATS up and down.
 
-.venv/bin/python bench/agent_writes.py
+.venv/bin/python bench/agent_writes.py [--writes 5000] [--seconds 5] [--txs 1000] [--rows 100] [--drain-rows 200000]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import tempfile
@@ -51,49 +52,77 @@ async def batch_rows_per_s(st: AgentStorage, txs: int = 1000, rows: int = 100, f
     return txs * rows / (time.perf_counter() - t)
 
 
-async def main() -> None:
+async def main(args: argparse.Namespace) -> None:
     print(f"machine: {machine()}")
+    rows = args.rows
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         with nats_server(base / "js") as (url, _proc):
             st = await open_storage(base / "up", "bench-up", url)
-            lat = await single_latency(st)
+            lat = await single_latency(st, args.writes)
             print("NATS up (publisher running):")
             report("write_data single row p50", pct(lat, 50) * 1e3, "ms")
             report("write_data single row p99", pct(lat, 99) * 1e3, "ms", "(target <= 1 ms)")
-            tps = await concurrent_tps(st)
+            tps = await concurrent_tps(st, args.seconds)
             report("single-row transactions/s, 8 writer tasks", tps, "tx/s", "(target >= 15,000)")
             await st.flush(timeout=60)
-            rps = await batch_rows_per_s(st)
-            report("rows/s in 100-row transactions, written + acked by JetStream", rps, "rows/s", "(target >= 100,000)")
+            rps = await batch_rows_per_s(st, txs=args.txs, rows=rows)
+            report(
+                f"rows/s in {rows}-row transactions, written + acked by JetStream",
+                rps,
+                "rows/s",
+                "(target >= 100,000)",
+            )
             await st.close()
 
-            # publisher alone: a 200,000-row backlog drained to JetStream
+            # publisher alone: a backlog of --drain-rows drained to JetStream
             st = AgentStorage("bench-drain", base / "drain", nats_url=f"nats://127.0.0.1:{free_port()}")
             await st.open()
             await st.migrate(SCHEMA)
             await st.set_visibility("events", "always")
-            await batch_rows_per_s(st, txs=2000, flush=False)
+            drain_txs = max(1, args.drain_rows // rows)
+            await batch_rows_per_s(st, txs=drain_txs, rows=rows, flush=False)
             await st.close()
             st = AgentStorage("bench-drain", base / "drain", nats_url=url)
             t = time.perf_counter()
             await st.open()
             await st.flush(timeout=300)
-            report("publisher drain of a 200,000-row backlog", 200_000 / (time.perf_counter() - t), "rows/s")
+            drained = drain_txs * rows
+            report(f"publisher drain of a {drained:,}-row backlog", drained / (time.perf_counter() - t), "rows/s")
             await st.close()
 
         dead = f"nats://127.0.0.1:{free_port()}"
         st = await open_storage(base / "down", "bench-down", dead)
-        lat = await single_latency(st)
+        lat = await single_latency(st, args.writes)
         print("NATS down (nothing listening; publisher retrying):")
         report("write_data single row p50", pct(lat, 50) * 1e3, "ms")
         report("write_data single row p99", pct(lat, 99) * 1e3, "ms")
-        report("single-row transactions/s, 8 writer tasks", await concurrent_tps(st), "tx/s")
-        report("rows/s in 100-row transactions (local commit only)", await batch_rows_per_s(st, flush=False), "rows/s")
+        report("single-row transactions/s, 8 writer tasks", await concurrent_tps(st, args.seconds), "tx/s")
+        report(
+            f"rows/s in {rows}-row transactions (local commit only)",
+            await batch_rows_per_s(st, txs=args.txs, rows=rows, flush=False),
+            "rows/s",
+        )
         health = await st.health_check()
         report("backlog kept locally", health["backlog"]["changes"], "changes")
         await st.close()
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--writes", type=int, default=5000, help="single-row writes timed for the latency figures")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of the concurrent-writers phase")
+    parser.add_argument("--txs", type=int, default=1000, help="transactions of the batch throughput phase")
+    parser.add_argument("--rows", type=int, default=100, help="rows per transaction in the batch phases")
+    parser.add_argument("--drain-rows", type=int, default=200_000, help="rows of the backlog the publisher drains")
+    args = parser.parse_args(argv)
+    for name in ("writes", "txs", "rows", "drain_rows"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.seconds <= 0:
+        parser.error("--seconds must be positive")
+    return args
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(main(parse_args()))

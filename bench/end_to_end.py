@@ -1,6 +1,6 @@
 """End-to-end figures: replication lag, throughput, catch-up, query latency, and the guide's naive baseline.
 
-.venv/bin/python bench/end_to_end.py [--catchup-rows 1000000]
+.venv/bin/python bench/end_to_end.py [--seconds 5] [--rows 200000] [--catchup-rows 1000000]
 """
 
 from __future__ import annotations
@@ -175,10 +175,19 @@ async def ours_sequential(st: AgentStorage, seconds: float = 5.0) -> tuple[float
     return len(lat) / (time.perf_counter() - t0), lat
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--catchup-rows", type=int, default=1_000_000)
-    args = parser.parse_args()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each timed phase (lag, rates, baseline)")
+    parser.add_argument("--rows", type=int, default=200_000, help="rows of the throughput phase (100 per transaction)")
+    parser.add_argument("--catchup-rows", type=int, default=1_000_000, help="backlog replayed after an outage")
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or args.rows < 100 or args.catchup_rows < 100:
+        parser.error("--seconds must be positive, --rows and --catchup-rows at least 100")
+    return args
+
+
+async def main(args: argparse.Namespace) -> None:
+    seconds = args.seconds
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
@@ -187,7 +196,7 @@ async def main() -> None:
             rep.start()
             try:
                 st = await open_storage(base / "a", "bench-lag", url)
-                lags = await lag_at_rate(st, rep)
+                lags = await lag_at_rate(st, rep, seconds=seconds)
                 report(
                     "replication lag at 1,000 writes/s, commit -> /relay/query, p50",
                     pct(lags, 50) * 1e3,
@@ -197,27 +206,27 @@ async def main() -> None:
                 report("replication lag at 1,000 writes/s, p99", pct(lags, 99) * 1e3, "ms", "(target <= 20 ms)")
                 report("  (probes answered)", len(lags), "")
                 report(
-                    "end-to-end rows/s, 100-row transactions (200,000 rows)",
-                    await throughput(st, rep, txs=2000, rows=100),
+                    f"end-to-end rows/s, 100-row transactions ({args.rows // 100 * 100:,} rows)",
+                    await throughput(st, rep, txs=args.rows // 100, rows=100),
                     "rows/s",
                     "(target >= 100,000)",
                 )
                 report(
                     "end-to-end single-row transactions/s, 8 writers",
-                    await single_row_tps(st, rep),
+                    await single_row_tps(st, rep, seconds),
                     "tx/s",
                     "(target >= 10,000)",
                 )
                 max_id = (await st.query_local("SELECT max(id) AS m FROM events"))[0]["m"]
-                qlat = await query_latency(rep, st.agent_id, max_id)
+                qlat = await query_latency(rep, st.agent_id, max_id, seconds=seconds)
                 report("/relay/query primary-key lookup at 500 req/s, p50", pct(qlat, 50) * 1e3, "ms")
                 report("/relay/query primary-key lookup at 500 req/s, p99", pct(qlat, 99) * 1e3, "ms")
-                ours_rate, ours_lat = await ours_sequential(st)
+                ours_rate, ours_lat = await ours_sequential(st, seconds)
                 await st.close()
             finally:
                 rep.stop()
 
-            naive_rate, naive_lat = await naive_baseline(base)
+            naive_rate, naive_lat = await naive_baseline(base, seconds)
             report("baseline (guide): local insert + HTTP POST per write, writes/s", naive_rate, "w/s")
             report("baseline write p50 / p99", pct(naive_lat, 50) * 1e3, "ms", f"p99 {pct(naive_lat, 99) * 1e3:.3f} ms")
             report("ours: write_data (replicated via JetStream), one writer, writes/s", ours_rate, "w/s")
@@ -250,4 +259,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(main(parse_args()))

@@ -8,10 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ImmediateWrite(BaseModel):
-    """`POST /relay/immediate`: one row for one agent's table."""
+    """`POST /relay/immediate`: one row for one agent's table (no `agent_id`: see relay_writer.attribute)."""
 
     model_config = ConfigDict(extra="ignore")
-    agent_id: str = Field(max_length=64)
+    agent_id: str | None = Field(None, max_length=64)
     table: str = Field(max_length=128)
     data: dict[str, Any]
     timestamp: float | None = None
@@ -27,7 +27,7 @@ class BatchItem(BaseModel):
 
 
 class BatchWrite(BaseModel):
-    """`POST /relay/batch`: several rows, possibly of several agents."""
+    """`POST /relay/batch`: several rows, possibly of several agents (rows naming none: relay_writer.attribute)."""
 
     model_config = ConfigDict(extra="ignore")
     agent_id: str | None = Field(None, max_length=64)
@@ -45,3 +45,10 @@ class QueryRequest(BaseModel):
     epoch: str | None = Field(None, max_length=64)
     timeout_ms: int | None = Field(None, ge=1, le=60_000)
     max_rows: int | None = Field(None, ge=1)
+
+
+class ResyncRequest(BaseModel):
+    """`POST /relay/agents/{agent_id}/resync`: why (optional; the body may be empty)."""
+
+    model_config = ConfigDict(extra="ignore")
+    reason: str | None = Field(None, max_length=500)

@@ -3,7 +3,8 @@
 Every `<data_dir>/agents/<agent_id>.db` holds, next to the agent's tables under
 their own names:
 
-- `_cr_state`: key/value replication state (epoch, watermark, counters, blocked);
+- `_cr_state`: key/value replication state (epoch, watermark, counters, blocked, the last resync, the agent's
+  own newest status report);
 - `_cr_tables`: one `TableMeta` per data table (where it comes from, its visibility and columns);
 - `_cr_epochs`: retired epochs (an agent database that was replaced), whose late records are stale;
 - `_cr_relay_seen`: stream sequences of applied relay records (relay records carry no sequence of their own).
@@ -129,6 +130,11 @@ def drop_ahead(conn: sqlite3.Connection, stream_seq: int) -> bool:
 
 def drop_ahead_of_epoch(conn: sqlite3.Connection, epoch: str | None) -> int:
     return conn.execute("DELETE FROM _cr_ahead WHERE epoch IS ?", (epoch,)).rowcount
+
+
+def drop_ahead_below(conn: sqlite3.Connection, epoch: str | None, first_seq: int) -> int:
+    """Forget the remembered records of `epoch` that end below `first_seq` (a resync superseded them)."""
+    return conn.execute("DELETE FROM _cr_ahead WHERE epoch IS ? AND last_seq < ?", (epoch, first_seq)).rowcount
 
 
 def due_ahead(conn: sqlite3.Connection, epoch: str | None, watermark: int, limit: int) -> list[int]:

@@ -7,6 +7,15 @@ any crash the watermark says exactly what is applied. Values are stored as
 they arrived: the agent already applied its column affinities, and
 re-applying the same declared types is idempotent.
 
+A resync record (the agent's fresh full copy, see resync.py) replaces the
+agent's copy inside the agent's open transaction: its tables are dropped and
+refilled by the snapshot, and since a multi-part transaction stays open until
+its final part, readers see the old copy or the new one, never a mix.
+
+A central file that cannot be opened as a database (corrupt) is moved to
+`<data_dir>/quarantine/` and started afresh; the coordinator then resyncs the
+agent (`CentralStore.take_quarantined`).
+
 Which records to apply is the sequencer's decision; this module only applies
 them. Everything here is synchronous and runs on the consumer's single apply
 thread, which owns `CentralStore.replicas`; readers on the event loop use the
@@ -15,16 +24,23 @@ published `StoreView`, and their own read-only connections.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from agent_client import (
+    AgentStatusRecord,
     ChangeRecord,
+    InvalidText,
     RelayRecord,
     SQLiteValue,
     TableLayout,
@@ -42,6 +58,8 @@ from .relay_row import check_relay_columns, relay_row
 from .replica_state import ReplicaState
 from .sequencer import Position, RecordHeader, Verdict
 from .store_view import AgentView, StoreView, TableView
+
+log = logging.getLogger("replicator.central_store")
 
 # Verdicts under which a record of the current epoch counts towards the highest sequence seen.
 _SEEN_AHEAD = (Verdict.APPLY, Verdict.GAP, Verdict.BLOCKED)
@@ -63,6 +81,29 @@ _ENVIRONMENT_CODES = frozenset(
     }
 )
 _PAGE_MARGIN_BYTES = 16 * 1024 * 1024
+# Result codes that say the file is not a (sound) database: it is quarantined and the agent resynced.
+_DAMAGED_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def is_damaged(exc: BaseException) -> bool:
+    """True for a central file that is not a sound database (corrupt, not SQLite, nonsense state)."""
+    if isinstance(exc, sqlite3.DatabaseError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is None:
+            return "not a database" in str(exc) or "malformed" in str(exc)
+        return (code & 0xFF) in _DAMAGED_CODES
+    return isinstance(exc, ValueError | TypeError)  # the state table holds what this code never writes
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A central file set aside because it could not be opened; its agent needs a resync."""
+
+    agent_id: str
+    moved_to: Path
+    reason: str
 
 
 def is_environment_error(exc: BaseException) -> bool:
@@ -89,6 +130,45 @@ def _decoded(values: list[Any]) -> list[SQLiteValue]:
         raise RecordRejected(f"bad value: {exc}") from None
 
 
+def _text_casts(row: list[SQLiteValue]) -> tuple[int, ...]:
+    """Positions of TEXT values that are not UTF-8 (stored with their exact bytes, as TEXT)."""
+    return tuple(i for i, v in enumerate(row) if type(v) is InvalidText)
+
+
+def _bound(row: list[SQLiteValue], casts: tuple[int, ...]) -> list[SQLiteValue]:
+    """The row as bound: InvalidText as its plain bytes (the SQL casts them to TEXT)."""
+    if not casts:
+        return row
+    out = list(row)
+    for i in casts:
+        out[i] = bytes(out[i])  # type: ignore[arg-type]
+    return out
+
+
+def _placeholder(i: int, casts: tuple[int, ...]) -> str:
+    return "CAST(? AS TEXT)" if i in casts else "?"
+
+
+def _header_damage(path: Path) -> str | None:
+    """Why the file at `path` cannot be a SQLite database, judged by its first bytes (None: it may be one)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_SQLITE_HEADER))
+    except FileNotFoundError:
+        return None
+    if not head or head == _SQLITE_HEADER:
+        return None
+    return f"not a SQLite database (it starts with {head[:16]!r})"
+
+
+def _optional_int(value: Any) -> int | None:
+    return int(value) if value is not None else None
+
+
+def _optional_float(value: Any) -> float | None:
+    return float(value) if value is not None else None
+
+
 class AgentReplica:
     """The central copy of one agent: its SQLite file and its in-memory `ReplicaState`."""
 
@@ -108,28 +188,14 @@ class AgentReplica:
                 hard = max_bytes + 2 * max_record_bytes + _PAGE_MARGIN_BYTES
                 conn.execute(f"PRAGMA max_page_count = {hard // self.page_size + 1}")
             schema.create_schema(conn)
+            self.state = _load_state(conn)
+            st = os.stat(path)
         except BaseException:
             conn.close()
             raise
         self.conn = conn
-        saved = schema.load_state(self.conn)
-        watermark = int(saved.get("watermark", 0))
-        self.state = ReplicaState(
-            epoch=saved.get("epoch"),
-            watermark=watermark,
-            head_seq=watermark,
-            committed_at=saved.get("committed_at"),
-            applied_at=saved.get("applied_at"),
-            last_seen=saved.get("applied_at"),
-            records_applied=int(saved.get("records_applied", 0)),
-            changes_applied=int(saved.get("changes_applied", 0)),
-            blocked=saved.get("blocked"),
-            ahead=schema.count_ahead(self.conn),
-            ahead_since=schema.oldest_ahead(self.conn),
-            tables=schema.load_tables(self.conn),
-            retired=schema.load_retired(self.conn),
-        )
-        self._stmt_cache: dict[tuple[str, str, tuple[str, ...]], str] = {}
+        self.file_id = (st.st_dev, st.st_ino)  # to notice the file deleted or replaced under us
+        self._stmt_cache: dict[tuple[str, str, tuple[str, ...], tuple[int, ...]], str] = {}
 
     # -------------------------------------------------------------- state
     @property
@@ -199,6 +265,18 @@ class AgentReplica:
         """This agent's order is broken by a dead letter (reason), or no more (None); stored at commit."""
         self.state.blocked = reason
 
+    def note_status(self, rec: AgentStatusRecord) -> bool:
+        """Keep the agent's report about itself (in the open transaction) unless a newer one is kept already."""
+        state = self.state
+        if state.agent_reported_at is not None and rec.at < state.agent_reported_at:
+            return False
+        state.agent_epoch = rec.epoch
+        state.agent_last_seq = rec.last_seq
+        state.agent_acked_seq = rec.acked_seq
+        state.agent_blocked = rec.blocked
+        state.agent_reported_at = rec.at
+        return True
+
     def begin(self) -> None:
         if not self.in_txn:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -208,7 +286,8 @@ class AgentReplica:
         if not self.in_txn:
             return
         state = self.state
-        state.applied_at = time.time()
+        if state.changes_moved() or state.records_applied != state.committed().records_applied:
+            state.applied_at = time.time()  # not for a status report or a block alone: nothing was applied
         values: dict[str, Any] = {
             "epoch": state.epoch,
             "watermark": state.watermark,
@@ -216,6 +295,13 @@ class AgentReplica:
             "applied_at": state.applied_at,
             "records_applied": state.records_applied,
             "changes_applied": state.changes_applied,
+            "last_resync": state.last_resync,
+            "resyncs": state.resyncs,
+            "agent_epoch": state.agent_epoch,
+            "agent_last_seq": state.agent_last_seq,
+            "agent_acked_seq": state.agent_acked_seq,
+            "agent_blocked": state.agent_blocked,
+            "agent_reported_at": state.agent_reported_at,
         }
         clear: tuple[str, ...] = ()
         if state.blocked != state.committed().blocked:
@@ -238,6 +324,28 @@ class AgentReplica:
                 self.conn.execute("ROLLBACK")
         finally:
             self.state.rollback()
+            self._stmt_cache.clear()
+
+    # -------------------------------------------------------------- multi-part transactions
+    def begin_group(self) -> None:
+        """Before the first part of a multi-part transaction (inside the open transaction): a savepoint, so that
+        a part that can never be applied takes the whole local transaction back, and only it."""
+        self.conn.execute("SAVEPOINT grp")
+        self.state.begin_group()
+
+    def end_group(self) -> None:
+        """The final part was applied: the multi-part transaction is whole."""
+        if self.state.in_group:
+            self.conn.execute("RELEASE grp")
+            self.state.end_group()
+
+    def abandon_group(self) -> None:
+        """A part was rejected: undo every part applied so far (SQL and state); records before it stay."""
+        if self.state.in_group:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK TO grp")
+                self.conn.execute("RELEASE grp")
+            self.state.abandon_group()
             self._stmt_cache.clear()
 
     @property
@@ -295,13 +403,18 @@ class AgentReplica:
         for seq, op, layout_id, values in rec.changes:
             if seq <= skip:
                 continue
+            if op == "R":  # the start of a resync: apply_resync did its work before
+                applied += 1
+                continue
             layout = layouts[str(layout_id)]
             if op == "U":
-                sql = self._replace_sql(layout)
+                row = _decoded(values)
+                casts = _text_casts(row) if row is not values else ()
+                sql = self._replace_sql(layout, casts)
                 if sql is not pending_sql and sql != pending_sql:
                     flush()
                     pending_sql = sql
-                pending.append(_decoded(values))
+                pending.append(_bound(row, casts))
             else:
                 flush()
                 if op == "D":
@@ -326,6 +439,38 @@ class AgentReplica:
             state.group_started = time.monotonic()
         if not state.open_group:
             state.group_started = 0.0
+
+    def apply_resync(self, rec: ChangeRecord) -> None:
+        """Replace the agent's copy with the fresh one `rec` starts (inside the open transaction)."""
+        self.reset_for_resync(rec)
+        self.apply_changes(rec)
+
+    def reset_for_resync(self, rec: ChangeRecord) -> None:
+        """Make way for the fresh copy a resync record starts (inside the open transaction; apply it next).
+
+        Every table the agent replicates is dropped (relay-written tables stay), records remembered ahead that
+        the snapshot supersedes are forgotten, an older epoch is retired, the watermark is set just before the
+        resync and `blocked` is cleared; `rec` is then applied as usual (its S and U changes refill the tables).
+        """
+        state = self.state
+        if rec.epoch != state.epoch and state.epoch is not None:
+            schema.retire_epoch(self.conn, state.epoch, time.time())
+            state.retired = state.retired | {state.epoch}
+            schema.drop_ahead_of_epoch(self.conn, state.epoch)  # they can never be applied now
+        schema.drop_ahead_below(self.conn, rec.epoch, rec.first_seq)
+        state.ahead = schema.count_ahead(self.conn)
+        state.ahead_since = schema.oldest_ahead(self.conn) if state.ahead else None
+        for name, meta in list(state.tables.items()):
+            if meta.source == "agent":
+                self._forget_table(name)
+        if rec.epoch != state.epoch:
+            state.head_seq = 0
+        state.epoch = rec.epoch
+        state.watermark = rec.first_seq - 1
+        state.open_group = False  # whatever part was open is superseded: this record starts the transaction anew
+        state.blocked = None
+        state.last_resync = rec.resync_request
+        state.resyncs += 1
 
     def _reset_epoch(self, epoch: str) -> None:
         """A new agent database: drop everything replicated from the old one and start over."""
@@ -353,26 +498,26 @@ class AgentReplica:
             )
         return meta
 
-    def _replace_sql(self, layout: TableLayout) -> str:
-        """INSERT OR REPLACE of a whole replicated row (the agent sends every column)."""
-        key = ("U", layout.table, tuple(layout.columns))
+    def _replace_sql(self, layout: TableLayout, casts: tuple[int, ...] = ()) -> str:
+        """INSERT OR REPLACE of a whole replicated row (the agent sends every column); the values at `casts`
+        are bound as bytes and stored as TEXT (text that is not UTF-8, kept byte for byte)."""
+        key = ("U", layout.table, tuple(layout.columns), casts)
         sql = self._stmt_cache.get(key)
         if sql is None:
             self._table_for(layout)
             q = quote_identifier
-            sql = (
-                f"INSERT OR REPLACE INTO {q(layout.table)} ({', '.join(map(q, layout.columns))}) "
-                f"VALUES ({', '.join('?' * len(layout.columns))})"
-            )
+            marks = ", ".join(_placeholder(i, casts) for i in range(len(layout.columns)))
+            sql = f"INSERT OR REPLACE INTO {q(layout.table)} ({', '.join(map(q, layout.columns))}) VALUES ({marks})"
             self._stmt_cache[key] = sql
         return sql
 
     def _delete(self, layout: TableLayout, key: list[SQLiteValue]) -> None:
         self._table_for(layout)
         q = quote_identifier
-        where = " AND ".join(f"{q(c)} IS ?" for c in layout.pk)
+        casts = _text_casts(key)
+        where = " AND ".join(f"{q(c)} IS {_placeholder(i, casts)}" for i, c in enumerate(layout.pk))
         try:
-            self.conn.execute(f"DELETE FROM {q(layout.table)} WHERE {where}", key)
+            self.conn.execute(f"DELETE FROM {q(layout.table)} WHERE {where}", _bound(key, casts))
         except sqlite3.Error as exc:
             raise _rejected(exc, f"cannot delete from {layout.table}") from exc
 
@@ -485,6 +630,12 @@ class AgentReplica:
             blocked=done.blocked,
             waiting=done.ahead,
             waiting_since=done.ahead_since,
+            resyncs=done.resyncs,
+            last_resync=done.last_resync,
+            agent_blocked=done.agent_blocked,
+            agent_last_seq=done.agent_last_seq,
+            agent_reported_at=done.agent_reported_at,
+            file_id=self.file_id,
             tables=MappingProxyType(
                 {
                     name: TableView(m.name, m.source, m.visibility, m.columns, m.types, m.pk, m.sql)
@@ -497,6 +648,35 @@ class AgentReplica:
         if self.in_txn:
             self.rollback()
         self.conn.close()
+
+
+def _load_state(conn: sqlite3.Connection) -> ReplicaState:
+    """The replica's state as its file holds it (ValueError/TypeError: values this code never writes)."""
+    saved = schema.load_state(conn)
+    watermark = int(saved.get("watermark", 0))
+    ahead = schema.count_ahead(conn)
+    return ReplicaState(
+        epoch=saved.get("epoch"),
+        watermark=watermark,
+        head_seq=watermark,
+        committed_at=_optional_float(saved.get("committed_at")),
+        applied_at=_optional_float(saved.get("applied_at")),
+        last_seen=_optional_float(saved.get("applied_at")),
+        records_applied=int(saved.get("records_applied", 0)),
+        changes_applied=int(saved.get("changes_applied", 0)),
+        blocked=saved.get("blocked"),
+        ahead=ahead,
+        ahead_since=schema.oldest_ahead(conn) if ahead else None,
+        tables=schema.load_tables(conn),
+        retired=schema.load_retired(conn),
+        last_resync=saved.get("last_resync"),
+        resyncs=int(saved.get("resyncs") or 0),
+        agent_epoch=saved.get("agent_epoch"),
+        agent_last_seq=_optional_int(saved.get("agent_last_seq")),
+        agent_acked_seq=_optional_int(saved.get("agent_acked_seq")),
+        agent_blocked=saved.get("agent_blocked"),
+        agent_reported_at=_optional_float(saved.get("agent_reported_at")),
+    )
 
 
 class CentralStore:
@@ -512,10 +692,18 @@ class CentralStore:
         self.max_record_bytes = max_record_bytes
         data_dir.agents.mkdir(parents=True, exist_ok=True)
         self.replicas: dict[str, AgentReplica] = {}
-        for path in sorted(data_dir.agents.glob("*.db")):
-            if is_valid_agent_id(path.stem):
-                self.replica(path.stem)
-        self._view = StoreView()
+        self._quarantined: list[Quarantined] = []
+        self._lock = threading.Lock()  # guards the view's composition and the quarantine list (both threads)
+        self._base = StoreView()  # the replicas' committed state as of the last publish
+        self._marks: Mapping[str, tuple[str, float]] = MappingProxyType({})  # agent -> resync (reason, since)
+        self._view = self._base
+        try:
+            for path in sorted(data_dir.agents.glob("*.db")):
+                if is_valid_agent_id(path.stem):
+                    self.replica(path.stem)
+        except BaseException:
+            self.close()
+            raise
         self.publish_view()
 
     @property
@@ -531,13 +719,34 @@ class CentralStore:
         if agents is None:
             views = {a: rep.view() for a, rep in self.replicas.items()}
         else:
-            views = dict(self._view.agents)
+            views = dict(self._base.agents)
             for agent in agents:
                 rep = self.replicas.get(agent)
                 if rep is not None:
                     views[agent] = rep.view()
-        self._view = StoreView(MappingProxyType({a: views[a] for a in sorted(views)}))
-        return self._view
+                else:
+                    views.pop(agent, None)
+        with self._lock:
+            self._base = StoreView(MappingProxyType({a: views[a] for a in sorted(views)}))
+            self._view = self._compose()
+            return self._view
+
+    def mark_resyncs(self, marks: Mapping[str, tuple[str, float]]) -> None:
+        """Show which agents wait for a resync (agent -> (reason, requested at)); from the coordinator, any thread."""
+        with self._lock:
+            self._marks = MappingProxyType(dict(marks))
+            self._view = self._compose()
+
+    def _compose(self) -> StoreView:
+        """The published base with the resync marks on it (under the lock)."""
+        if not self._marks:
+            return self._base
+        agents: dict[str, AgentView] = {}
+        for agent_id, view in self._base.agents.items():
+            mark = self._marks.get(agent_id)
+            reason, since = mark if mark is not None else (None, None)
+            agents[agent_id] = dataclasses.replace(view, resync_pending=reason, resync_requested_at=since)
+        return StoreView(MappingProxyType(agents))
 
     def path_for(self, agent_id: str) -> Path:
         return self.data_dir.agent_db(agent_id)
@@ -548,18 +757,73 @@ class CentralStore:
         return rep.position() if rep is not None else Position()
 
     def replica(self, agent_id: str) -> AgentReplica:
+        """The agent's central copy, opened (or created) on first use; a damaged file is quarantined."""
         rep = self.replicas.get(agent_id)
         if rep is None:
             if not is_valid_agent_id(agent_id):
                 raise RecordRejected(f"invalid agent id {agent_id!r}")
-            rep = AgentReplica(
-                agent_id,
-                self.path_for(agent_id),
-                max_bytes=self.max_agent_bytes,
-                max_record_bytes=self.max_record_bytes,
-            )
+            rep = self._open(agent_id)
             self.replicas[agent_id] = rep
         return rep
+
+    def reopen(self, agent_id: str) -> AgentReplica:
+        """Close the agent's copy (its open transaction rolled back) and open its file again, or a new one
+        when the file is gone (deleted under us: what the old connection wrote went with it)."""
+        old = self.replicas.pop(agent_id, None)
+        if old is not None:
+            try:
+                old.close()
+            except sqlite3.Error as exc:
+                log.warning("closing the lost central copy of %s: %s", agent_id, exc)
+        return self.replica(agent_id)
+
+    def take_quarantined(self) -> list[Quarantined]:
+        """The central files set aside since the last call (their agents need a resync)."""
+        with self._lock:
+            taken, self._quarantined = self._quarantined, []
+        return taken
+
+    def _open(self, agent_id: str) -> AgentReplica:
+        path = self.path_for(agent_id)
+        if not path.exists():
+            self._set_aside_orphans(agent_id, path)  # a -wal left without its database must not meet a new one
+        damage = _header_damage(path)  # before SQLite touches it (and its side files)
+        if damage is None:
+            try:
+                return self._new_replica(agent_id, path)
+            except (sqlite3.DatabaseError, ValueError, TypeError) as exc:
+                if not is_damaged(exc):
+                    raise
+                damage = f"{type(exc).__name__}: {exc}"
+        moved = self._quarantine(agent_id, path)
+        log.error("central copy of %s is damaged (%s): moved to %s; it will be resynced", agent_id, damage, moved)
+        with self._lock:
+            self._quarantined.append(Quarantined(agent_id, moved, damage))
+        return self._new_replica(agent_id, path)
+
+    def _new_replica(self, agent_id: str, path: Path) -> AgentReplica:
+        return AgentReplica(agent_id, path, max_bytes=self.max_agent_bytes, max_record_bytes=self.max_record_bytes)
+
+    def _quarantine(self, agent_id: str, path: Path) -> Path:
+        """Move the agent's file and its side files to `quarantine/<agent>-<stamp>.db*`; the new path."""
+        target_dir = self.data_dir.quarantine
+        target_dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = target_dir / f"{agent_id}-{stamp}.db"
+        n = 1
+        while target.exists():
+            n += 1
+            target = target_dir / f"{agent_id}-{stamp}-{n}.db"
+        for suffix in ("", *_SIDE_FILES):
+            src = path.with_name(path.name + suffix)
+            if src.exists():
+                src.rename(target.with_name(target.name + suffix))
+        return target
+
+    def _set_aside_orphans(self, agent_id: str, path: Path) -> None:
+        if any(path.with_name(path.name + suffix).exists() for suffix in _SIDE_FILES):
+            moved = self._quarantine(agent_id, path)
+            log.warning("central copy of %s: side files without their database moved to %s", agent_id, moved)
 
     def forget_relay_seen(self, ack_floor: int) -> None:
         """Relay records at or below the consumer's ack floor are never redelivered: drop their dedup entries."""

@@ -1,7 +1,9 @@
 """`replicator` command line: the argument parser and the dispatch to each command's module.
 
-serve (serve.py), rebuild (rebuild.py), auth (auth_cli.py), status and
-dead-letters (remote.py); log lines are formatted by log_format.py.
+serve (serve.py), rebuild (rebuild.py), restore (backup.py), auth (auth_cli.py);
+status, dead-letters, resync and backup talk to a running HTPC over its relay
+API (remote.py, backup.py); log lines are formatted by log_format.py. An
+unknown argument is reported with the usage of the command it was given to.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
 from .data_dir import DataDirInUse
 from .errors import ReplicatorError
 from .log_format import setup_logging
@@ -90,14 +93,33 @@ RECOVERY_FLAGS: list[tuple[str, str, Any, str]] = [
     ("snapshot_interval_s", "snapshot-interval", duration, "time between snapshots of the central store (0: never)"),
     ("snapshots_keep", "snapshots-keep", int, "snapshots kept (the oldest pruned)"),
     ("rebuild_backups_keep", "rebuild-backups-keep", int, "rebuild-backup-* directories kept"),
+    (
+        "stuck_after_s",
+        "stuck-after",
+        duration,
+        "how long the central store may be behind the stream without moving before /health and /ready say degraded",
+    ),
     ("resync_after_s", "resync-after", duration, "how long a missing change is awaited before the agent is resynced"),
     ("default_agent_id", "default-agent-id", str, "agent id of relay writes that name none (the guide's batch_write)"),
 ]
 
 
 # ------------------------------------------------------------------------------ main
+def _leaf(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Mark `p` as the parser whose usage an unknown argument is reported with (see main)."""
+    p.set_defaults(_parser=p)
+    return p
+
+
+def _remote(p: argparse.ArgumentParser) -> None:
+    """--url and --token of the commands that talk to a running HTPC."""
+    p.add_argument("--url", default=env("URL", "http://127.0.0.1:8000"), help="HTPC URL [REPLICATOR_URL]")
+    p.add_argument("--token", default=env("TOKEN"), help="operator token when auth is on [REPLICATOR_TOKEN]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="replicator", description="Commander OS agent storage: the HTPC service")
+    parser.add_argument("--version", action="version", version=f"replicator {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -127,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--nats-tls-ca", default=env("NATS_TLS_CA"), help="CA of the NATS server's certificate")
 
-    p_serve = sub.add_parser("serve", help="run the HTPC: consumer, central store, relay API")
+    p_serve = _leaf(sub.add_parser("serve", help="run the HTPC: consumer, central store, relay API"))
     common(p_serve)
     p_serve.add_argument("--host", default=env("HOST", "127.0.0.1"), help="HTTP listen address [REPLICATOR_HOST]")
     p_serve.add_argument("--port", type=int, default=env("PORT", "8000"), help="HTTP port [REPLICATOR_PORT]")
@@ -165,47 +187,117 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{help_text} [default {default}; REPLICATOR_{variable}]",
         )
 
-    p_rebuild = sub.add_parser("rebuild", help="rebuild the central store from the stream (serve must be stopped)")
+    p_rebuild = _leaf(
+        sub.add_parser("rebuild", help="rebuild the central store from the stream (serve must be stopped)")
+    )
     common(p_rebuild)
+    p_rebuild.add_argument("--full", action="store_true", help="ignore snapshots: replay the whole stream")
 
-    p_auth = sub.add_parser("auth", help="per-agent NATS credentials and API tokens (in DATA_DIR/auth)")
+    p_restore = _leaf(
+        sub.add_parser("restore", help="restore the central store from a `replicator backup` (serve must be stopped)")
+    )
+    common(p_restore)
+    p_restore.add_argument("--from", dest="source", required=True, help="the backup directory")
+    for p in (p_rebuild, p_restore):
+        p.add_argument(
+            "--rebuild-backups-keep",
+            dest="rebuild_backups_keep",
+            type=int,
+            default=env("REBUILD_BACKUPS_KEEP"),
+            help="rebuild-backup-* directories kept [default 2; REPLICATOR_REBUILD_BACKUPS_KEEP]",
+        )
+
+    p_auth = _leaf(sub.add_parser("auth", help="per-agent NATS credentials and API tokens (in DATA_DIR/auth)"))
     p_auth.add_argument("--data-dir", default=env("DATA_DIR", "data"), help="data directory [REPLICATOR_DATA_DIR]")
     auth_sub = p_auth.add_subparsers(dest="auth_command", required=True)
-    auth_sub.add_parser("init", help="create the replicator's own NATS key")
-    p_add = auth_sub.add_parser("add-agent", help="new NATS key + API token for an agent (prints them once)")
+    _leaf(auth_sub.add_parser("init", help="create the replicator's own NATS key"))
+    p_add = _leaf(auth_sub.add_parser("add-agent", help="new NATS key + API token for an agent (prints them once)"))
     p_add.add_argument("agent_id")
     p_add.add_argument(
         "--share-on-demand-with", default="", help="comma-separated agents that may query its on_demand tables"
     )
-    p_op = auth_sub.add_parser("add-operator", help="new operator API token (prints it once)")
+    p_op = _leaf(auth_sub.add_parser("add-operator", help="new operator API token (prints it once)"))
     p_op.add_argument("name")
-    p_share = auth_sub.add_parser("share", help="let other agents query this agent's on_demand tables")
+    p_share = _leaf(auth_sub.add_parser("share", help="let other agents query this agent's on_demand tables"))
     p_share.add_argument("agent_id")
     p_share.add_argument("--with", dest="readers", default="", help="comma-separated agent ids (empty: nobody)")
-    p_rev = auth_sub.add_parser("revoke", help="remove an agent's or operator's credentials")
+    p_rev = _leaf(auth_sub.add_parser("revoke", help="remove an agent's or operator's credentials"))
     p_rev.add_argument("name")
-    auth_sub.add_parser("list", help="who has credentials")
-    auth_sub.add_parser("nats-config", help="print the nats-server authorization block (for an external server)")
+    _leaf(auth_sub.add_parser("list", help="who has credentials"))
+    _leaf(auth_sub.add_parser("nats-config", help="print the nats-server authorization block (for an external server)"))
 
-    for name, help_text in (("status", "agents, lag, backlog, dead letters"), ("dead-letters", "list dead letters")):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--url", default=env("URL", "http://127.0.0.1:8000"), help="HTPC URL [REPLICATOR_URL]")
-        p.add_argument("--token", default=env("TOKEN"), help="operator token when auth is on [REPLICATOR_TOKEN]")
-        if name == "dead-letters":
-            p.add_argument("--agent")
-            p.add_argument("--limit", type=int, default=50)
+    p_status = _leaf(sub.add_parser("status", help="agents, lag, blocked, resyncs, dead letters"))
+    _remote(p_status)
+
+    p_dead = _leaf(
+        sub.add_parser(
+            "dead-letters",
+            help="list dead letters, or retry / discard one",
+            description="Without an action: list dead letters (newest first). `retry ID` applies one again "
+            "(after its cause was fixed); `discard ID` drops it for good (one in an agent's sequence "
+            "requests a resync of that agent). Each prints the consequence.",
+        )
+    )
+    _remote(p_dead)
+    p_dead.add_argument("action", nargs="?", choices=["list", "retry", "discard"], default="list")
+    p_dead.add_argument("id", nargs="?", type=int, help="the dead letter's id (#N in the listing)")
+    p_dead.add_argument("--agent", help="list: only this agent's")
+    p_dead.add_argument("--limit", type=int, default=50, help="list: at most this many")
+
+    p_resync = _leaf(
+        sub.add_parser(
+            "resync",
+            help="replace an agent's central copy with a fresh full copy from the agent",
+            description="Ask AGENT_ID for a fresh full copy of its replicated tables; its central copy is "
+            "replaced atomically. Waits (on the HTPC) while the agent is offline.",
+        )
+    )
+    _remote(p_resync)
+    p_resync.add_argument("agent_id")
+    p_resync.add_argument("--reason", default=None, help="why (shown in `replicator status` and the log)")
+
+    p_backup = _leaf(sub.add_parser("backup", help="an online, consistent backup of a running HTPC's central store"))
+    _remote(p_backup)
+    p_backup.add_argument("--to", dest="dest", required=True, help="directory to write the backup into")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command in ("status", "dead-letters"):
-        from . import remote
+def _remote_command(args: argparse.Namespace) -> int:
+    from . import remote
 
-        url = args.url.rstrip("/")
-        if args.command == "status":
-            return remote.status(url, args.token)
+    url = args.url.rstrip("/")
+    if args.command == "status":
+        return remote.status(url, args.token)
+    if args.command == "resync":
+        return remote.resync(url, args.agent_id, args.reason, args.token)
+    if args.command == "backup":
+        from .backup import backup
+
+        return backup(url, args.token, Path(args.dest))
+    if args.action == "list":
         return remote.dead_letters(url, args.agent, args.limit, args.token)
+    return remote.dead_letter_action(url, args.action, args.id, args.token)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed arguments; an unknown one is reported with its own command's usage (exit 2)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    owner: argparse.ArgumentParser = getattr(args, "_parser", parser)
+    if unknown:
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "dead-letters":
+        if args.action != "list" and args.id is None:
+            owner.error(f"dead-letters {args.action} needs the dead letter's ID")
+        if args.action == "list" and args.id is not None:
+            owner.error("an ID goes with `retry` or `discard`")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command in ("status", "dead-letters", "resync", "backup"):
+        return _remote_command(args)
     if args.command == "auth":
         from .auth_cli import auth_command
 
@@ -227,9 +319,13 @@ def main(argv: list[str] | None = None) -> int:
 
                 asyncio.run(serve(settings))
                 return 0
+            if args.command == "restore":
+                from .backup import restore
+
+                return asyncio.run(restore(settings, Path(args.source)))
             from .rebuild import rebuild
 
-            return asyncio.run(rebuild(settings))
+            return asyncio.run(rebuild(settings, full=args.full))
         except KeyboardInterrupt:
             return 130
         except ReplicatorError as exc:

@@ -16,6 +16,17 @@ event loop may read: the store's view, the open groups and the parked messages.
 
 A watchdog bounds every `fetch`: nats-py has been seen to stall in fetch
 (nats-py issue #986), and a stalled consumer looks exactly like an idle one.
+
+What will not heal by itself is handed to the resync coordinator (resync.py,
+the `ResyncListener`): a change record dead-lettered in an agent's sequence, a
+remembered record gone from the stream, an agent over --max-held-per-agent, a
+missing change not arrived after --resync-after (a gap that will not fill,
+also at the start of a new epoch or below a retention gap), an agent reporting
+changes the stream no longer delivers, and a damaged central file. The
+coordinator learns too when a resync record was applied or rejected.
+
+Dead letters can be retried (applied again, on this apply thread) or
+discarded (`retry_dead_letter`, `discard_dead_letter`).
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import nats.errors
 import nats.js.errors
@@ -43,6 +54,7 @@ from nats.js.api import DeliverPolicy
 
 from agent_client import (
     STREAM_NAME,
+    AgentStatusRecord,
     Backoff,
     ChangeRecord,
     RecordDecodeError,
@@ -54,12 +66,35 @@ from agent_client import (
 )
 
 from .central_store import AgentReplica, CentralStore
-from .dead_letters import DeadLetterStore
-from .errors import RecordRejected
+from .dead_letters import DeadLetter, DeadLetterStore, discard_consequence
+from .errors import DeadLetterNotRetryable, RecordRejected
 from .histogram import Histogram
+from .resync import stuck_reason
 from .sequencer import RecordHeader, Verdict, sequence
 
 log = logging.getLogger("replicator.consumer")
+
+#: How often (seconds) the apply thread looks for agents stuck behind a change that will not come.
+STUCK_CHECK_INTERVAL_S = 1.0
+
+
+class ResyncListener(Protocol):
+    """What the consumer tells the resync coordinator (called on the event loop, after the apply thread's work)."""
+
+    def resync_wanted(self, agent_id: str, reason: str) -> None:
+        """The agent's central copy cannot be continued from the stream: ask it for a fresh copy."""
+
+    def resync_applied(self, agent_id: str, request_id: str | None) -> None:
+        """A resync record of the agent was applied and committed: its central copy is the fresh one."""
+
+    def resync_rejected(self, agent_id: str, request_id: str, reason: str) -> None:
+        """A resync record of the agent could not be applied (dead-lettered)."""
+
+    def agents_seen(self, agents: Collection[str]) -> None:
+        """Records of these agents just arrived (they are online)."""
+
+    async def request(self, agent_id: str, reason: str, *, by: str = "operator") -> dict[str, Any]:
+        """Request a resync (see ResyncCoordinator.request)."""
 
 
 class _Action(enum.Enum):
@@ -112,6 +147,9 @@ class _Item:
     gone: str | None = None  # remembered ahead for this agent, but no longer in the stream
 
 
+_KIND_NAMES: dict[type, str] = {RelayRecord: "a relay record", AgentStatusRecord: "a status record"}
+
+
 def _is_pub_ack(data: bytes) -> bool:
     """A JetStream publish acknowledgement (`{"stream": ..., "seq": ...}`) or API error stored as a message.
 
@@ -137,11 +175,23 @@ class _Step:
 
 
 @dataclass
+class _ResyncEvents:
+    """What the apply thread found for the resync coordinator (delivered on the event loop)."""
+
+    wanted: list[tuple[str, str]] = field(default_factory=list)  # (agent, why its copy cannot be continued)
+    applied: list[tuple[str, str | None]] = field(default_factory=list)  # (agent, request id) committed
+    rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (agent, request id, reason)
+    seen: set[str] = field(default_factory=set)  # agents with a record in the batch
+
+
+@dataclass
 class _BatchResult:
     actions: list[tuple[_Action, str | None]]  # (action, agent id) per message
     committed: list[str] = field(default_factory=list)  # agents whose transaction committed
     failed: list[str] = field(default_factory=list)  # agents whose commit failed (nak everything of theirs)
     failing: set[str | None] = field(default_factory=set)  # agents with a failure of the machine in this batch
+    steps: list[_Step] = field(default_factory=list)  # each message's fate (same order as actions)
+    events: _ResyncEvents = field(default_factory=_ResyncEvents)
 
 
 @dataclass
@@ -160,8 +210,9 @@ class ConsumerStats:
     foreign: int = 0  # JetStream acknowledgements stored on an agent's subject (a reply= trick): dropped
     msg_id_alarms: int = 0  # messages whose id is not their subject's agent's (an attempt at id squatting)
     apply_seconds: float = 0.0
-    #: agent commit -> central commit, observed per agent transaction committed (on the apply thread)
+    #: agent commit -> central commit, observed per agent transaction that applied change records
     apply_delay: Histogram = field(default_factory=Histogram)
+    statuses: int = 0  # agent status records kept
     last_fetch_at: float | None = None
     last_apply_at: float | None = None
 
@@ -182,6 +233,7 @@ class Consumer:
         deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
         opt_start_seq: int | None = None,
         max_held_per_agent: int = 100_000,
+        resync_after: float = 60.0,
     ) -> None:
         self.js = js
         self.store = store
@@ -195,11 +247,14 @@ class Consumer:
         self.config = consumer_config(durable, deliver_policy=deliver_policy, opt_start_seq=opt_start_seq)
         self.ack_wait = float(self.config.ack_wait or 0.0)
         self.max_held_per_agent = max_held_per_agent
+        self.resync_after = resync_after  # a missing change not arrived after this long: resync the agent
+        self.resyncs: ResyncListener | None = None  # the resync coordinator (None: rebuild, tests)
         self.stats = ConsumerStats()
         self.apply_failing_since: float | None = None  # wall time of the first failure in a row (None: applying)
         self._failure_backoff = Backoff(nak_delay, 5.0)
         self._failure_logged = 0.0
         self._relay_pruned = time.monotonic()
+        self._relay_floor = 0  # the ack floor read at the previous relay dedup pruning
         self.running = False
         self.max_stream_seq = 0
         self.last_error: str | None = None
@@ -215,6 +270,13 @@ class Consumer:
         # Agents with records ahead of their turn (snapshot).
         self._with_ahead = frozenset(a for a, rep in store.replicas.items() if rep.state.ahead)
         self._open_groups: Mapping[str, float] = MappingProxyType({})  # agent -> monotonic start (snapshot)
+        # Owned by the apply thread: what the current batch found for the coordinator, the agents found stuck
+        # (agent -> (what it is stuck at, since when, asked already)), a dead letter being retried.
+        self._events = _ResyncEvents()
+        self._stuck: dict[str, tuple[tuple[Any, ...], float, bool]] = {}
+        self._stuck_checked = 0.0
+        self._retrying: int | None = None
+        self.idle = False  # the last fetch delivered nothing: everything the stream holds was delivered
 
     # ------------------------------------------------------------ public
     def applied(self, agent_id: str) -> tuple[str | None, int]:
@@ -300,6 +362,7 @@ class Consumer:
                     else:
                         await self._forget_acked_relay()
                     await self._apply_due_ahead()
+                    await self._check_stuck()
                     if not msgs and until_idle and await self._idle():
                         return
                 except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
@@ -332,6 +395,7 @@ class Consumer:
             items = await asyncio.gather(*(self._read_back(agent, seq) for agent, seq in due))
             result = await loop.run_in_executor(self._executor, self._process_batch, list(items))
             self._note_failures(result)
+            self._deliver(result.events)
             if result.committed:
                 async with self._applied_changed:
                     self._applied_changed.notify_all()
@@ -364,6 +428,7 @@ class Consumer:
         except TimeoutError:  # nats.errors.TimeoutError is one too; nats-py also raises the plain one when idle
             if time.monotonic() - started < self.fetch_timeout + self.fetch_watchdog * 0.9:
                 msgs = []  # fetch's own deadline: nothing to deliver
+                self.idle = True
             else:
                 # The watchdog fired: fetch itself hung. Drop the subscription and bind again.
                 self.stats.fetch_stalls += 1
@@ -375,6 +440,8 @@ class Consumer:
                 self._sub = None
                 msgs = []
         self.stats.last_fetch_at = time.time()
+        if msgs:
+            self.idle = False
         return msgs
 
     async def _handle(self, msgs: list[Msg]) -> None:
@@ -399,6 +466,7 @@ class Consumer:
             async with self._applied_changed:
                 self._applied_changed.notify_all()
         retry_delay = self._note_failures(result)
+        self._deliver(result.events)
         acks: list[Any] = []
         for msg, (action, agent) in zip(msgs, result.actions, strict=True):
             if action is _Action.ACK:
@@ -463,9 +531,12 @@ class Consumer:
         except Exception:  # only housekeeping: next time
             return
         if info.ack_floor is not None and info.ack_floor.stream_seq:
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.store.forget_relay_seen, info.ack_floor.stream_seq
-            )
+            # Forget only up to the floor read a round (60 s) ago: a snapshot copying the files now covers the
+            # floor it read before copying, which is at least that one, so a restore never replays a relay
+            # record whose dedup entry its copy no longer holds.
+            previous, self._relay_floor = self._relay_floor, info.ack_floor.stream_seq
+            if previous:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.store.forget_relay_seen, previous)
 
     async def _expire_open_groups(self) -> None:
         now = time.monotonic()
@@ -485,6 +556,138 @@ class Consumer:
             for m in self._held.pop(agent, []):
                 with contextlib.suppress(Exception):
                     await m.nak()
+
+    # ------------------------------------------------------------ resync support (event loop)
+    def _deliver(self, events: _ResyncEvents) -> None:
+        """Hand what the apply thread found to the resync coordinator."""
+        listener = self.resyncs
+        if listener is None:
+            return
+        if events.seen:
+            listener.agents_seen(frozenset(events.seen))
+        for agent, request_id in events.applied:
+            listener.resync_applied(agent, request_id)
+        for agent, request_id, reason in events.rejected:
+            listener.resync_rejected(agent, request_id, reason)
+        for agent, reason in events.wanted:
+            listener.resync_wanted(agent, reason)
+
+    async def _check_stuck(self) -> None:
+        """Now and then, look for agents stuck behind a change that will not come (see `_stuck_scan`)."""
+        now = time.monotonic()
+        if self.resyncs is None or now - self._stuck_checked < STUCK_CHECK_INTERVAL_S:
+            return
+        if self.apply_failing_since is not None:
+            return  # the machine fails (disk full, ...): nothing moves, and a resync would not help
+        self._stuck_checked = now
+        loop = asyncio.get_running_loop()
+        events = await loop.run_in_executor(self._executor, self._stuck_scan, now, self.idle)
+        self._deliver(events)
+
+    async def reopen_lost(self, agent_id: str) -> None:
+        """The agent's central file was deleted or replaced under us: drop what we hold of it and open it again
+        (a new, empty copy when it is gone). Its open transaction, if any, is rolled back and its held messages
+        come again."""
+        loop = asyncio.get_running_loop()
+        rolled_back = await loop.run_in_executor(self._executor, self._reopen, agent_id)
+        if rolled_back:
+            for m in self._held.pop(agent_id, []):
+                with contextlib.suppress(Exception):
+                    await m.nak()
+
+    async def mark_blocked(self, agent_id: str, reason: str) -> None:
+        """Store that the agent is blocked and why (shown everywhere until a record or a resync moves it on)."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._mark_blocked, agent_id, reason)
+
+    # ------------------------------------------------------------ dead letters (operator)
+    async def retry_dead_letter(self, dead_letter_id: int) -> dict[str, Any]:
+        """Apply a dead letter again, on the apply thread; removed when it applied, kept with the new reason when
+        it failed again. DeadLetterNotFound (404) / DeadLetterNotRetryable (409)."""
+        letter = self.dead_letters.get(dead_letter_id)
+        data, msg_id, source = await self._letter_bytes(letter)
+        if data is None:
+            raise DeadLetterNotRetryable(
+                f"dead letter {dead_letter_id}: only the first {len(letter.payload)} of its {letter.payload_bytes} "
+                f"bytes were kept and stream seq {letter.stream_seq} is no longer in {STREAM_NAME}; "
+                "it cannot be applied again (discard it; a change record's agent is then resynced)"
+            )
+        # Read back from the stream, it keeps its stream sequence (relay writes are deduplicated by it, a record
+        # not yet due is remembered by it); from the stored payload it has none.
+        item = _Item(letter.subject, data, letter.stream_seq if source == "stream" else None, msg_id)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._executor, self._retry, item, letter.id)
+        self._note_failures(result)
+        self._deliver(result.events)
+        if result.committed:
+            async with self._applied_changed:
+                self._applied_changed.notify_all()
+        return self._retry_answer(letter, result.steps[0], result, source)
+
+    async def discard_dead_letter(self, dead_letter_id: int) -> dict[str, Any]:
+        """Delete a dead letter for good, saying what that means; one in an agent's sequence (its changes are
+        missing from the central copy) requests a resync of that agent."""
+        letter = self.dead_letters.get(dead_letter_id)
+        data, _msg_id, _source = await self._letter_bytes(letter)
+        agent, consequence, resync_reason = discard_consequence(letter, data, self.store.view)
+        resync: dict[str, Any] | None = None
+        if resync_reason is not None and agent is not None:
+            if self.resyncs is None:
+                consequence += "; no resync coordinator runs here: request one with `replicator resync`"
+            else:
+                resync = await self.resyncs.request(agent, resync_reason, by="operator")
+                consequence += f" (resync request {resync.get('request_id')}, {resync.get('state')})"
+        self.dead_letters.delete(dead_letter_id)
+        log.warning("dead letter %d discarded: %s", dead_letter_id, consequence)
+        return {"discarded": dead_letter_id, "agent_id": agent, "resync": resync, "consequence": consequence}
+
+    async def _letter_bytes(self, letter: DeadLetter) -> tuple[bytes | None, str | None, str]:
+        """(payload, message id, "stream" | "stored") of a dead letter: from the stream while it is there (the
+        whole message, even when the store kept only its start), else the stored payload if it was kept whole."""
+        if letter.stream_seq is not None:
+            try:
+                msg = await self.js.get_msg(STREAM_NAME, letter.stream_seq)
+            except nats.js.errors.NotFoundError:
+                pass
+            except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+                if not letter.whole:
+                    raise DeadLetterNotRetryable(
+                        f"dead letter {letter.id}: cannot read stream seq {letter.stream_seq} now ({exc}); retry later"
+                    ) from exc
+            else:
+                if (msg.subject or "") == letter.subject:
+                    return msg.data or b"", (msg.headers or {}).get("Nats-Msg-Id"), "stream"
+        return (letter.payload if letter.whole else None), None, "stored"
+
+    def _retry_answer(self, letter: DeadLetter, step: _Step, result: _BatchResult, source: str) -> dict[str, Any]:
+        base: dict[str, Any] = {"retried": letter.id, "agent_id": step.agent, "read_from": source}
+        verdict, applied = step.verdict, step.applied
+        if applied is _Applied.FAILED or (step.agent in result.failed):
+            return {
+                **base,
+                "outcome": "failed",
+                "dead_letter": letter.id,
+                "reason": f"the HTPC could not write it now ({self.last_error}); it is kept, retry later",
+            }
+        if verdict is Verdict.DEAD_LETTER:
+            reason = self.dead_letters.get(letter.id).reason
+            return {**base, "outcome": "failed", "dead_letter": letter.id, "reason": reason}
+        if verdict in (Verdict.GAP, Verdict.BLOCKED):
+            if applied is _Applied.WRITTEN:
+                self.dead_letters.delete(letter.id)
+                return {
+                    **base,
+                    "outcome": "waiting",
+                    "message": "kept for its turn: earlier changes of its agent are still missing",
+                }
+            raise DeadLetterNotRetryable(
+                f"dead letter {letter.id} is not due: earlier changes of agent {step.agent} are missing and it is no "
+                "longer in the stream to wait for them; resync the agent instead (discarding it does)"
+            )
+        self.dead_letters.delete(letter.id)
+        if verdict in (Verdict.DUPLICATE, Verdict.STALE_EPOCH):
+            what = "already applied" if verdict is Verdict.DUPLICATE else "from an agent database since replaced"
+            return {**base, "outcome": "already_applied", "message": f"nothing to do: its changes are {what}"}
+        return {**base, "outcome": "applied", "message": "applied; the dead letter is removed"}
 
     # ------------------------------------------------------------ apply thread
     def _rollback(self, agents: list[str] | None) -> list[str]:
@@ -523,6 +726,7 @@ class Consumer:
     def _process_batch(self, items: list[_Item]) -> _BatchResult:
         touched: dict[str, AgentReplica] = {}  # agents whose transaction this batch wrote into
         seen: set[str] = set()  # agents with any record in this batch
+        events = self._events = _ResyncEvents()
         steps = [self._process_one(item, touched, seen) for item in items]
         commits: dict[str, _Commit] = {}
         failing: set[str | None] = {s.agent for s in steps if s.applied is _Applied.FAILED}
@@ -536,16 +740,23 @@ class Consumer:
             elif rep.state.open_group:
                 commits[agent] = _Commit.OPEN  # inside a multi-part transaction still open
             else:
+                moved = rep.state.changes_moved()  # not for a commit of relay rows or reports only
+                resynced = rep.state.resync_applied()
                 try:
                     rep.commit()
-                    commits[agent] = _Commit.COMMITTED
-                    if rep.state.committed_at is not None and rep.state.applied_at is not None:
-                        self.stats.apply_delay.observe(max(0.0, rep.state.applied_at - rep.state.committed_at))
                 except Exception as exc:  # disk full, I/O error: nothing of this batch is lost, it is redelivered
                     self.stats.commit_failures += 1
                     self.last_error = f"commit for {agent} failed: {exc}"
                     rep.rollback()
                     commits[agent] = _Commit.FAILED
+                else:
+                    commits[agent] = _Commit.COMMITTED
+                    state = rep.state
+                    if moved and state.committed_at is not None and state.applied_at is not None:
+                        self.stats.apply_delay.observe(max(0.0, state.applied_at - state.committed_at))
+                    if resynced is not None:
+                        events.applied.append((agent, resynced))
+                        log.warning("agent %s: resync %s applied (its central copy is the fresh one)", agent, resynced)
             if commits[agent] is _Commit.FAILED:
                 failing.add(agent)
         self.stats.apply_failures += len(failing)
@@ -554,21 +765,100 @@ class Consumer:
             committed=[a for a, c in commits.items() if c is _Commit.COMMITTED],
             failed=[a for a, c in commits.items() if c is _Commit.FAILED],
             failing=failing,
+            steps=steps,
+            events=events,
         )
+        events.seen = seen
+        if self.resyncs is not None:
+            for found in self.store.take_quarantined():
+                events.wanted.append(
+                    (found.agent_id, f"its central file was damaged ({found.reason}); set aside as {found.moved_to}")
+                )
+        self._events = _ResyncEvents()
         self._publish(seen, touched)  # readers on the event loop see this batch's commits from now on
         return result
 
     def _dead(self, item: _Item, agent: str | None, reason: str) -> _Step:
         try:
-            self.dead_letters.add(
-                agent_id=agent, subject=item.subject, stream_seq=item.stream_seq, reason=reason, payload=item.data
-            )
+            # A retried dead letter that fails again keeps its id, with the new reason.
+            kept = self._retrying is not None and self.dead_letters.update_reason(self._retrying, reason)
+            if not kept:
+                self.dead_letters.add(
+                    agent_id=agent, subject=item.subject, stream_seq=item.stream_seq, reason=reason, payload=item.data
+                )
         except Exception as exc:  # it must be stored before the message is terminated: retry it later
             self.last_error = f"cannot store a dead letter of {agent}: {exc}"
             return _Step(Verdict.DEAD_LETTER, agent, _Applied.FAILED)
         self.stats.dead_letters += 1
         log.warning("dead letter (agent %s, stream seq %s): %s", agent, item.stream_seq, reason)
         return _Step(Verdict.DEAD_LETTER, agent)
+
+    def _want_resync(self, agent: str, reason: str) -> None:
+        self._events.wanted.append((agent, reason))
+
+    def _retry(self, item: _Item, dead_letter_id: int) -> _BatchResult:
+        """Apply a dead letter again (the apply thread): like a delivered message, but a new failure updates the
+        dead letter instead of adding one."""
+        self._retrying = dead_letter_id
+        try:
+            return self._process_batch([item])
+        finally:
+            self._retrying = None
+
+    def _stuck_scan(self, now: float, idle: bool) -> _ResyncEvents:
+        """Agents stuck in the same state (agent, epoch, watermark, resync.stuck_reason) for `resync_after`
+        seconds: each such state is reported to the coordinator once (a multi-part transaction in progress is
+        not stuck: it moves, or it times out and is retried)."""
+        events = _ResyncEvents()
+        for agent, rep in self.store.replicas.items():
+            state = rep.state
+            kind, why = stuck_reason(state, idle=idle) if not (rep.in_txn and state.open_group) else ("", "")
+            if not kind:
+                self._stuck.pop(agent, None)
+                continue
+            key = (state.epoch, state.watermark, kind)
+            found = self._stuck.get(agent)
+            if found is None or found[0] != key:
+                self._stuck[agent] = (key, now, False)
+                continue
+            _key, since, asked = found
+            if not asked and now - since >= self.resync_after:
+                self._stuck[agent] = (key, since, True)
+                events.wanted.append((agent, f"{why} for {now - since:.0f}s (--resync-after)"))
+        for gone in set(self._stuck) - set(self.store.replicas):
+            del self._stuck[gone]
+        return events
+
+    def _reopen(self, agent_id: str) -> bool:
+        """Open the agent's file again (apply thread); True if an open transaction of it was rolled back."""
+        rep = self.store.replicas.get(agent_id)
+        rolled_back = rep is not None and rep.in_txn
+        self._stuck.pop(agent_id, None)
+        try:
+            self.store.reopen(agent_id)
+        except (sqlite3.Error, OSError) as exc:
+            self.last_error = f"cannot open the central copy of {agent_id} again: {exc}"
+            log.error("%s", self.last_error)
+        self._publish([agent_id], [agent_id])
+        return rolled_back
+
+    def _mark_blocked(self, agent_id: str, reason: str) -> None:
+        try:
+            rep = self.store.replica(agent_id)
+            if rep.in_txn:
+                rep.set_blocked(reason)  # stored with its open transaction
+            else:
+                rep.begin()
+                rep.set_blocked(reason)
+                rep.commit()
+        except (sqlite3.Error, OSError, RecordRejected) as exc:
+            self.last_error = f"cannot mark {agent_id} blocked: {exc}"
+            log.error("%s", self.last_error)
+            rep2 = self.store.replicas.get(agent_id)
+            if rep2 is not None and rep2.in_txn and not rep2.state.open_group:
+                rep2.rollback()
+        log.error("agent %s: %s", agent_id, reason)
+        self._publish([agent_id], [agent_id])
 
     def _open_txn(self, rep: AgentReplica, touched: dict[str, AgentReplica], *, settle: int | None = None) -> bool:
         """Open (or join) the agent's transaction for this batch, forgetting remembered record `settle` in it.
@@ -593,8 +883,10 @@ class Consumer:
         if not self._open_txn(rep, touched, settle=item.stream_seq):
             return _Step(Verdict.DEAD_LETTER, agent, _Applied.FAILED)
         seen.add(agent)
-        rep.set_blocked(f"a record that came ahead of its turn (stream seq {item.stream_seq}) is gone from the stream")
-        log.error("agent %s: %s", agent, rep.state.blocked)
+        reason = f"a record that came ahead of its turn (stream seq {item.stream_seq}) is gone from the stream"
+        rep.set_blocked(reason)
+        log.error("agent %s: %s", agent, reason)
+        self._want_resync(agent, reason)
         return _Step(Verdict.DEAD_LETTER, agent)
 
     def _hold(self, item: _Item, rep: AgentReplica, header: RecordHeader, touched: dict[str, AgentReplica]) -> _Step:
@@ -615,11 +907,13 @@ class Consumer:
         if rep.state.ahead >= self.max_held_per_agent:
             self.stats.over_cap += 1
             if rep.state.blocked is None or not rep.state.blocked.startswith("over "):
-                rep.set_blocked(
+                reason = (
                     f"over {self.max_held_per_agent} records wait for a missing change after {rep.state.watermark} "
                     f"(--max-held-per-agent); later ones are dropped until this agent is resynced"
                 )
-                log.error("agent %s: %s", owner, rep.state.blocked)
+                rep.set_blocked(reason)
+                log.error("agent %s: %s", owner, reason)
+                self._want_resync(owner, reason)
             return _Step(Verdict.DEAD_LETTER, owner)  # terminated, not redelivered
         try:
             rep.keep_ahead(header, item.stream_seq)
@@ -627,6 +921,32 @@ class Consumer:
             self.last_error = f"cannot remember a record of {owner}: {exc}"
             return _Step(Verdict.GAP, owner, _Applied.FAILED)
         return _Step(Verdict.GAP, owner, _Applied.WRITTEN)
+
+    def _rejected(
+        self, item: _Item, rep: AgentReplica, rec: ChangeRecord | RelayRecord, header: RecordHeader, reason: str
+    ) -> _Step:
+        """A record that cannot be applied: dead-lettered; one of the agent's sequence blocks it (stored at the
+        batch's commit, so it survives a restart) and wants a resync, unless it was a resync record itself (its
+        request then failed: the coordinator decides what next)."""
+        owner = rep.agent_id
+        if isinstance(rec, ChangeRecord):
+            # A resync record, or a later part of one (the resync in the open multi-part transaction).
+            resync = header.resync or (rep.state.resync_applied() if rep.state.in_group else None)
+            if rep.state.in_group:
+                # A part of a multi-part transaction: the whole of it is off (its earlier parts are undone and
+                # their held messages acked with the commit; its later parts wait ahead, never due).
+                rep.abandon_group()
+            if resync is not None:
+                blocked = f"resync {resync} (changes {rec.first_seq}-{rec.last_seq}) dead-lettered ({reason})"
+                rep.set_blocked(blocked)
+                self._events.rejected.append((owner, resync, reason))
+            else:
+                blocked = (
+                    f"changes {rec.first_seq}-{rec.last_seq} dead-lettered ({reason}); later changes wait behind them"
+                )
+                rep.set_blocked(blocked)
+                self._want_resync(owner, blocked)
+        return self._dead(item, owner, reason)
 
     def _process_one(self, item: _Item, touched: dict[str, AgentReplica], seen: set[str]) -> _Step:
         if item.gone is not None:
@@ -653,7 +973,7 @@ class Consumer:
         if isinstance(rec, RelayRecord) != (relay_owner is not None):
             # Relay writes come only from the HTPC's own key (agents may not publish on relay subjects), and an
             # agent's key may not pass its records off as relay writes into its own or anyone's tables.
-            what = "a relay record" if isinstance(rec, RelayRecord) else "a change record"
+            what = _KIND_NAMES.get(type(rec), "a change record")
             return self._dead(item, owner, f"{what} may not be published on {item.subject!r}")
         header = RecordHeader.of(owner, rec)
         verdict = sequence(self.store.position(owner), header)
@@ -668,6 +988,12 @@ class Consumer:
             return _Step(verdict, owner, _Applied.FAILED)
         seen.add(owner)
         rep.observe(header, verdict)
+        if isinstance(rec, AgentStatusRecord):
+            if not self._open_txn(rep, touched):
+                return _Step(verdict, owner, _Applied.FAILED)
+            if rep.note_status(rec):
+                self.stats.statuses += 1
+            return _Step(verdict, owner, _Applied.WRITTEN)
         if verdict in (Verdict.GAP, Verdict.BLOCKED):
             return self._hold(item, rep, header, touched)
         # A remembered record whose turn came (or that is no longer needed) is forgotten in the same transaction.
@@ -682,28 +1008,31 @@ class Consumer:
         if not self._open_txn(rep, touched):
             return _Step(verdict, owner, _Applied.FAILED)
         try:
-            rep.check_quota(rec, len(item.data))
+            if verdict is not Verdict.RESYNC:  # a resync is measured once the copy it replaces is dropped
+                rep.check_quota(rec, len(item.data))
         except RecordRejected as exc:
-            if isinstance(rec, ChangeRecord):
-                rep.set_blocked(f"changes {rec.first_seq}-{rec.last_seq} dead-lettered ({exc})")
-            return self._dead(item, owner, str(exc))
+            return self._rejected(item, rep, rec, header, str(exc))
         except sqlite3.Error as exc:
             self.last_error = f"cannot read the size of {owner}'s central copy: {exc}"
             return _Step(verdict, owner, _Applied.FAILED)
         try:
+            if isinstance(rec, ChangeRecord) and not rec.final and not rep.state.open_group:
+                rep.begin_group()  # its first part: a part that cannot be applied takes the whole of it back
             with rep.record_savepoint():
                 if isinstance(rec, RelayRecord):
                     written = rep.apply_relay(rec, item.stream_seq)
+                elif verdict is Verdict.RESYNC:
+                    rep.reset_for_resync(rec)
+                    rep.check_quota(rec, len(item.data))
+                    rep.apply_changes(rec)
+                    written = True
                 else:
                     rep.apply_changes(rec)
                     written = True
+            if not rep.state.open_group:
+                rep.end_group()
         except RecordRejected as exc:
-            if isinstance(rec, ChangeRecord):
-                # Survives a restart (stored with the batch's commit); later changes wait behind it.
-                rep.set_blocked(
-                    f"changes {rec.first_seq}-{rec.last_seq} dead-lettered ({exc}); later changes wait behind them"
-                )
-            return self._dead(item, owner, str(exc))
+            return self._rejected(item, rep, rec, header, str(exc))
         except Exception as exc:  # the machine's fault (disk full, I/O): roll back and retry later, never lose it
             self.last_error = f"apply failed for {owner}: {exc}"
             log.debug("%s", self.last_error)

@@ -10,8 +10,10 @@
   relay-id.key              the secret keying relay writes' message ids (32 random bytes, mode 0600)
   recovery.db               agents ever seen and their resync requests (resync)
   snapshots/<stamp>/        consistent snapshots of the central store (snapshots), newest kept
+  snapshots/.tmp-*/         a snapshot being written (renamed to its stamp when complete)
   quarantine/               central copies that could not be opened (corrupt), set aside before a resync
-  rebuild-backup-<stamp>/   what `replicator rebuild` moved aside
+  rebuild-backup-<stamp>/   what `replicator rebuild` / `restore` moved aside (the newest few kept)
+  .staging-*/               a snapshot or backup being put in place by rebuild / restore
 ```
 """
 
@@ -20,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +34,8 @@ from .errors import ReplicatorError
 
 #: Bytes of the relay message id secret.
 RELAY_ID_SECRET_BYTES = 32
+_BACKUP_PREFIX = "rebuild-backup-"
+_BACKUP_RE = re.compile(r"rebuild-backup-\d{8}-\d{6}(-\d+)?")
 
 
 class DataDirInUse(RuntimeError):
@@ -106,12 +112,47 @@ class DataDir:
         return self.root / ".lock"
 
     def backup(self, stamp: str) -> Path:
-        return self.root / f"rebuild-backup-{stamp}"
+        return self.root / f"{_BACKUP_PREFIX}{stamp}"
 
     def central_files(self) -> list[Path]:
         """What makes up the central store (moved aside as a whole by a rebuild)."""
         db = self.dead_letters_db
         return [self.agents, db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
+
+    def staging(self) -> Path:
+        """A fresh name for a snapshot being put in place (inside the data directory: renames stay on one disk)."""
+        return self.root / f".staging-{secrets.token_hex(6)}"
+
+    def set_aside(self, stamp: str) -> Path | None:
+        """Move the central store into a new `rebuild-backup-<stamp>` (a suffix if that exists); None when there
+        was nothing to move."""
+        present = [path for path in self.central_files() if path.exists()]
+        if not present:
+            return None
+        target = self.backup(stamp)
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.backup(f"{stamp}-{n}")
+        target.mkdir(parents=True)
+        for path in present:
+            path.rename(target / path.name)
+        return target
+
+    def rebuild_backups(self) -> list[Path]:
+        """The `rebuild-backup-*` directories, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and _BACKUP_RE.fullmatch(p.name)]
+        return sorted(found, key=_backup_order)
+
+    def prune_rebuild_backups(self, keep: int) -> list[Path]:
+        """Delete all but the newest `keep` rebuild-backup-* directories; the ones deleted."""
+        backups = self.rebuild_backups()
+        doomed = backups[: max(0, len(backups) - keep)]
+        for path in doomed:
+            shutil.rmtree(path)
+        return doomed
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -128,6 +169,13 @@ class DataDir:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def _backup_order(path: Path) -> tuple[str, int]:
+    """`rebuild-backup-20240101-000000-3` -> ("20240101-000000", 3): the suffix of a same-second one counts."""
+    stamp = path.name[len(_BACKUP_PREFIX) :]
+    base, _, suffix = stamp[:15], stamp[15:16], stamp[16:]
+    return base, int(suffix) if suffix else 1
 
 
 def _create_secret_file(path: Path, size: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import threading
 from dataclasses import dataclass
 
 #: Seconds: from 1 ms to 5 min, the range of "agent commit -> central commit".
@@ -47,15 +48,21 @@ class Histogram:
     """Counts observations per bucket. One thread observes; others read `snapshot()`."""
 
     def __init__(self, buckets: tuple[float, ...] = DELAY_BUCKETS) -> None:
+        if list(buckets) != sorted(set(buckets)):
+            raise ValueError("histogram buckets must be distinct and increasing")
         self.buckets = buckets
         self._counts = [0] * (len(buckets) + 1)
         self._total = 0.0
         self._count = 0
+        self._lock = threading.Lock()  # a snapshot never sees a count without its sum
 
     def observe(self, value: float) -> None:
-        self._counts[bisect.bisect_left(self.buckets, value)] += 1
-        self._total += value
-        self._count += 1
+        """Count `value` in the first bucket whose upper bound (`le`) is >= it."""
+        with self._lock:
+            self._counts[bisect.bisect_left(self.buckets, value)] += 1
+            self._total += value
+            self._count += 1
 
     def snapshot(self) -> HistogramSnapshot:
-        return HistogramSnapshot(self.buckets, tuple(self._counts), self._total, self._count)
+        with self._lock:
+            return HistogramSnapshot(self.buckets, tuple(self._counts), self._total, self._count)

@@ -1,7 +1,15 @@
-"""Prometheus text exposition of the replicator's counters and per-agent gauges, rendered from a `Status`."""
+"""Prometheus text exposition (format 0.0.4) of the replicator's counters and gauges, rendered from a `Status`.
+
+Every family has one HELP and one TYPE line; per-agent gauges carry an
+`agent` label; the apply delay is a histogram (`_bucket{le=...}`, `_sum`,
+`_count`). The README lists every metric with its meaning.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from .histogram import HistogramSnapshot
 from .status import Status
 
 _CONSUMER_COUNTERS = (
@@ -9,9 +17,17 @@ _CONSUMER_COUNTERS = (
     ("applied", "replicator_records_applied_total", "Records applied to the central store"),
     ("duplicates", "replicator_records_duplicates_total", "Records skipped as already applied"),
     ("stale", "replicator_records_stale_total", "Records skipped from a retired agent epoch"),
-    ("gaps", "replicator_records_gaps_total", "Records nak'ed because an earlier record was missing"),
+    (
+        "gaps",
+        "replicator_records_gaps_total",
+        "Records that came before an earlier one of their agent (kept until due)",
+    ),
     ("dead_letters", "replicator_records_dead_letters_total", "Records sent to the dead-letter store"),
-    ("fetch_stalls", "replicator_records_fetch_stalls_total", "Fetches cut off by the watchdog"),
+    (
+        "fetch_stalls",
+        "replicator_records_fetch_stalls_total",
+        "Fetches that hung past the watchdog and were cut off (an empty fetch on an idle stream is not one)",
+    ),
     ("commit_failures", "replicator_records_commit_failures_total", "Central commits that failed and were retried"),
     (
         "apply_failures",
@@ -21,11 +37,22 @@ _CONSUMER_COUNTERS = (
     ("over_cap", "replicator_records_over_cap_total", "Records beyond --max-held-per-agent, terminated"),
     ("foreign", "replicator_foreign_messages_total", "JetStream acknowledgements found on an agent subject, dropped"),
     ("msg_id_alarms", "replicator_msg_id_alarms_total", "Messages carrying another agent's message id"),
+    ("statuses", "replicator_agent_status_records_total", "Status records of agents (what they report of themselves)"),
 )
 
 
 def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _histogram_lines(name: str, help_text: str, snap: HistogramSnapshot) -> list[str]:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+    lines += [f'{name}_bucket{{le="{le}"}} {float(n)}' for le, n in snap.cumulative()]
+    lines += [f"{name}_sum {snap.total}", f"{name}_count {float(snap.count)}"]
+    return lines
+
+
+_Metric = Callable[[str, str, str, list[tuple[dict[str, str], float]]], None]
 
 
 def render_metrics(status: Status) -> str:
@@ -41,8 +68,15 @@ def render_metrics(status: Status) -> str:
     st = status.consumer
     if st is not None:
         for field, name, help_text in _CONSUMER_COUNTERS:
-            metric(name, "counter", help_text, [({}, float(getattr(st, field)))])
+            metric(name, "counter", help_text, [({}, float(getattr(st, field, 0)))])
         metric("replicator_apply_seconds_total", "counter", "Time spent applying batches", [({}, st.apply_seconds)])
+        lines.extend(
+            _histogram_lines(
+                "replicator_apply_delay_seconds",
+                "Agent commit to central commit, per agent transaction applied",
+                st.apply_delay.snapshot(),
+            )
+        )
         metric(
             "replicator_consumer_running",
             "gauge",
@@ -94,7 +128,79 @@ def render_metrics(status: Status) -> str:
         "Relay API writes published to JetStream",
         [({}, float(status.relay_published))],
     )
+    _stream_metrics(status, metric)
+    _agent_metrics(status, metric)
+    return "\n".join(lines) + "\n"
+
+
+def _one(value: float | int | None) -> list[tuple[dict[str, str], float]]:
+    """A single unlabelled sample, or none when the value is unknown."""
+    return [] if value is None else [({}, float(value))]
+
+
+def _stream_metrics(status: Status, metric: _Metric) -> None:
+    facts = status.stream
+    metric("replicator_healthy", "gauge", "1 while /health says ok (no problems)", _one(1 if status.healthy else 0))
+    metric("replicator_problems", "gauge", "Problems /health lists now", _one(len(status.problems)))
+    metric(
+        "replicator_stream_watch_failing",
+        "gauge",
+        "1 while the last read of the stream and the consumer failed",
+        _one(0 if facts.error is None else 1),
+    )
+    metric(
+        "replicator_stream_watch_age_seconds",
+        "gauge",
+        "Seconds since the stream and the consumer were last read",
+        _one(None if facts.updated_at is None else round(status.now - facts.updated_at, 3)),
+    )
+    if facts.updated_at is not None:
+        metric("replicator_stream_messages", "gauge", "Messages in the stream", _one(facts.messages))
+        metric("replicator_stream_bytes", "gauge", "Bytes in the stream", _one(facts.bytes))
+        metric("replicator_stream_first_seq", "gauge", "First sequence the stream still holds", _one(facts.first_seq))
+        metric("replicator_stream_last_seq", "gauge", "Last sequence in the stream", _one(facts.last_seq))
+    metric(
+        "replicator_consumer_pending",
+        "gauge",
+        "Stream messages not yet delivered to the durable consumer",
+        _one(facts.consumer_pending),
+    )
+    metric(
+        "replicator_consumer_ack_pending",
+        "gauge",
+        "Messages delivered to the durable consumer and not yet acknowledged",
+        _one(facts.consumer_ack_pending),
+    )
+    metric(
+        "replicator_consumer_ack_floor",
+        "gauge",
+        "Stream sequence up to which every message is acknowledged (committed centrally)",
+        _one(facts.ack_floor),
+    )
+    if status.resyncs is not None:
+        for name, value, help_text in (
+            ("started", status.resyncs.started, "Resyncs requested of agents"),
+            ("finished", status.resyncs.finished, "Resyncs whose fresh copy replaced the central copy"),
+            ("failed", status.resyncs.failed, "Resyncs that failed"),
+        ):
+            metric(f"replicator_resyncs_{name}_total", "counter", help_text, _one(value))
+        metric(
+            "replicator_resyncs_pending",
+            "gauge",
+            "Resyncs requested and not finished",
+            _one(len(status.resyncs_waiting())),
+        )
+
+
+def _agent_metrics(status: Status, metric: _Metric) -> None:
     agents = [status.view.agents[a] for a in status.view.agent_ids()]
+    measures = status.measures
+    metric(
+        "replicator_blocked_agents",
+        "gauge",
+        "Agents blocked, by the HTPC (a dead letter in their sequence) or by their own report",
+        _one(sum(1 for a, m in measures.items() if m.reported_blocked or _blocked(status, a))),
+    )
     metric(
         "replicator_agent_watermark",
         "gauge",
@@ -102,10 +208,32 @@ def render_metrics(status: Status) -> str:
         [({"agent": a.agent_id}, float(a.watermark)) for a in agents],
     )
     metric(
+        "replicator_agent_published_seq",
+        "gauge",
+        "Newest change sequence known to exist per agent (stream, its own report), in its newest epoch",
+        [({"agent": a}, float(m.lag.published_seq)) for a, m in measures.items()],
+    )
+    metric(
         "replicator_agent_lag_changes",
         "gauge",
-        "Changes seen but not yet applied per agent",
-        [({"agent": a.agent_id}, float(a.lag_changes)) for a in agents],
+        "Changes that exist (published or reported by the agent) but are not applied centrally, per agent",
+        [({"agent": a}, float(m.lag.lag_changes)) for a, m in measures.items()],
+    )
+    metric(
+        "replicator_agent_replication_delay_seconds",
+        "gauge",
+        "Per agent: now minus the commit time of its oldest unapplied change, else the last applied one's delay",
+        [
+            ({"agent": a}, round(m.replication_delay_s, 6))
+            for a, m in measures.items()
+            if m.replication_delay_s is not None
+        ],
+    )
+    metric(
+        "replicator_agent_behind_seconds",
+        "gauge",
+        "Per agent: seconds it has been behind without its central copy moving (0: not behind)",
+        [({"agent": a}, round(m.behind_for_s or 0.0, 3)) for a, m in measures.items()],
     )
     metric(
         "replicator_agent_waiting_records",
@@ -120,9 +248,26 @@ def render_metrics(status: Status) -> str:
         [({"agent": a.agent_id}, 1.0 if a.blocked else 0.0) for a in agents],
     )
     metric(
+        "replicator_agent_reported_blocked",
+        "gauge",
+        "1 while an agent reports that its publisher cannot send (its status record says why)",
+        [({"agent": a}, 1.0 if m.reported_blocked else 0.0) for a, m in measures.items()],
+    )
+    waiting = status.resyncs_waiting()
+    metric(
+        "replicator_agent_resync_pending",
+        "gauge",
+        "1 while a resync of the agent is requested and not finished",
+        [({"agent": a}, 1.0 if a in waiting else 0.0) for a in sorted(set(status.view.agents) | set(waiting))],
+    )
+    metric(
         "replicator_agent_seconds_since_seen",
         "gauge",
         "Seconds since the last record per agent",
         [({"agent": a.agent_id}, round(status.now - a.last_seen, 3)) for a in agents if a.last_seen],
     )
-    return "\n".join(lines) + "\n"
+
+
+def _blocked(status: Status, agent_id: str) -> bool:
+    agent = status.view.agents.get(agent_id)
+    return agent is not None and agent.blocked is not None

@@ -6,12 +6,16 @@ calling (auth_backend), the body size limit (body_limit), relay writes
 agents (`/relay/immediate`, `/relay/batch`) are put on the same JetStream
 stream as every agent's change records and answered once JetStream has them
 (202 with the stream sequence); the consumer applies them like everything
-else. Errors are JSON `{"error": code, "message": text}` with a stable code;
-bad input never produces a bare 500.
+else; a write that names no agent is attributed by `relay_writer.attribute`
+(never dropped). Operators request resyncs (resync.py), retry or discard dead
+letters (consumer.py) and take online backups (backup.py) here too. Errors are
+JSON `{"error": code, "message": text}` with a stable code; bad input never
+produces a bare 500.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import uuid
 from collections import defaultdict
@@ -26,12 +30,24 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from agent_client import RECORD_VERSION, STREAM_NAME, RelayRow, changes_subject, is_valid_agent_id, query_subject
 
 from ._version import __version__
-from .api_models import BatchWrite, ImmediateWrite, QueryRequest
+from .api_models import BatchWrite, ImmediateWrite, QueryRequest, ResyncRequest
 from .auth import Principal
 from .auth_backend import TokenAuthBackend, in_scope, operator_only, principal
+from .backup import backup_response
 from .body_limit import BodyLimit
-from .errors import BadRequest, InvalidAgent, PayloadTooLarge, ReplicatorError, UnknownAgent, error_body
+from .consumer import Consumer
+from .errors import (
+    BadRequest,
+    InvalidAgent,
+    NatsUnavailable,
+    PayloadTooLarge,
+    ReplicatorError,
+    UnknownAgent,
+    error_body,
+)
 from .metrics import render_metrics
+from .relay_writer import Attribution, Planned, attribute
+from .resync import ResyncCoordinator
 from .service import ReplicatorService
 from .status import service_status
 
@@ -75,6 +91,25 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal_error", f"unexpected {type(exc).__name__}; see the replicator log")
 
 
+def _at(index: int, exc: ReplicatorError) -> ReplicatorError:
+    """`exc` (same class and code) with its message prefixed by the batch record it is about."""
+    located = copy.copy(exc)
+    located.args = (f"records[{index}]: {exc}",)
+    return located
+
+
+def _resync(service: ReplicatorService) -> ResyncCoordinator:
+    if service.resync is None:
+        raise NatsUnavailable("the HTPC is still starting; retry in a moment")
+    return service.resync
+
+
+def _consumer(service: ReplicatorService) -> Consumer:
+    if service.consumer is None:
+        raise NatsUnavailable("the consumer is not running; retry in a moment")
+    return service.consumer
+
+
 def create_app(service: ReplicatorService) -> FastAPI:
     s = service.settings
     writer = service.relay_writer
@@ -84,49 +119,85 @@ def create_app(service: ReplicatorService) -> FastAPI:
         description="Central query and relay API of Commander OS agent storage (the HTPC).",
     )
     _install_error_handlers(app)
+    defaults_used: set[Attribution] = set()
+
+    def unnamed(header: str | None, who: Principal | None) -> Attribution:
+        """The agent of rows that name none; said once in the log when it is a default."""
+        found = attribute(header, who, s.default_agent_id)
+        if found.by in ("built-in default", "--default-agent-id") and found not in defaults_used:
+            defaults_used.add(found)
+            log.warning(
+                "relay writes that name no agent are attributed to %r (%s); name one with agent_id, "
+                "the X-Agent-Id header or an agent token",
+                found.agent_id,
+                found.by,
+            )
+        return found
 
     @app.post("/relay/immediate", status_code=202, tags=["relay"])
     async def relay_immediate(
         body: ImmediateWrite,
         idempotency_key: str | None = Header(None, max_length=200),
+        x_agent_id: str | None = Header(None, max_length=64),
         who: Principal | None = Depends(principal),
     ) -> dict[str, Any]:
-        """One row from an HTTP-only agent; answered once durable in JetStream."""
-        in_scope(who, body.agent_id)
-        writer.check(body.agent_id, body.table, body.data)
+        """One row from an HTTP-only agent; answered once durable in JetStream.
+
+        Without `agent_id` the row is attributed like a batch's (X-Agent-Id, token, default agent).
+        """
+        attribution = Attribution(body.agent_id, "agent_id") if body.agent_id is not None else unnamed(x_agent_id, who)
+        agent_id = attribution.agent_id
+        in_scope(who, agent_id)
+        planned: Planned = {}
+        writer.check(agent_id, body.table, body.data, planned)
         key = idempotency_key or uuid.uuid4().hex
-        payload = writer.encode(body.agent_id, [RelayRow(table=body.table, data=body.data)], body.timestamp)
-        result = await writer.publish(body.agent_id, payload, key)
-        return {"status": "accepted", **result}
+        payload = writer.encode(agent_id, [RelayRow(table=body.table, data=body.data)], body.timestamp)
+        result = await writer.publish(agent_id, payload, key)
+        writer.expect(agent_id, planned)
+        return {"status": "accepted", **result, "attributed_by": attribution.by}
 
     @app.post("/relay/batch", status_code=202, tags=["relay"])
     async def relay_batch(
         body: BatchWrite,
         idempotency_key: str | None = Header(None, max_length=200),
+        x_agent_id: str | None = Header(None, max_length=64),
         who: Principal | None = Depends(principal),
     ) -> dict[str, Any]:
         """Several rows; each agent's rows become one record (applied in one central transaction).
 
-        The guide's payload `{"records": [{"table", "data"}]}` names no agent: it is
-        taken from the agent token when authentication is on, else give `agent_id`.
+        A row's agent: its own `agent_id`, else the batch's, else the `X-Agent-Id` header, else the agent
+        token's, else `--default-agent-id`, else `relay-default` (the guide's `{"records": [{"table", "data"}]}`
+        names none and never reads the answer: its rows are kept, never dropped). `attributed` says where
+        the rows that named no agent went. Every row is checked before anything is published.
         """
         if len(body.records) > s.max_batch_records:
             raise PayloadTooLarge(f"at most {s.max_batch_records} records per batch")
-        default_agent = body.agent_id or (who.name if who is not None and not who.is_operator else None)
+        fallback: Attribution | None = None
+        unnamed_rows = 0
         per_agent: dict[str, list[RelayRow]] = defaultdict(list)
+        planned: dict[str, Planned] = defaultdict(dict)
         for i, item in enumerate(body.records):
-            agent_id = item.agent_id or default_agent
-            if agent_id is None:
-                raise InvalidAgent(
-                    f"records[{i}] has no agent_id: give one per record or for the batch, or use an agent token"
-                )
-            in_scope(who, agent_id)
-            writer.check(agent_id, item.table, item.data)
+            agent_id = item.agent_id or body.agent_id
+            try:
+                if agent_id is None:
+                    fallback = fallback or unnamed(x_agent_id, who)
+                    agent_id = fallback.agent_id
+                    unnamed_rows += 1
+                in_scope(who, agent_id)
+                writer.check(agent_id, item.table, item.data, planned[agent_id])
+            except ReplicatorError as exc:
+                raise _at(i, exc) from None
             per_agent[agent_id].append(RelayRow(table=item.table, data=item.data))
         key = idempotency_key or uuid.uuid4().hex
         payloads = {agent_id: writer.encode(agent_id, rows) for agent_id, rows in per_agent.items()}  # all, then send
-        results = [await writer.publish(agent_id, payload, key) for agent_id, payload in payloads.items()]
-        return {"status": "accepted", "records": len(body.records), "published": results}
+        results = []
+        for agent_id, payload in payloads.items():
+            results.append(await writer.publish(agent_id, payload, key))
+            writer.expect(agent_id, planned[agent_id])
+        answer: dict[str, Any] = {"status": "accepted", "records": len(body.records), "published": results}
+        if fallback is not None:
+            answer["attributed"] = {"agent_id": fallback.agent_id, "by": fallback.by, "records": unnamed_rows}
+        return answer
 
     @app.post("/relay/query", tags=["query"], response_class=Response)
     async def relay_query(body: QueryRequest, who: Principal | None = Depends(principal)) -> Response:
@@ -190,6 +261,48 @@ def create_app(service: ReplicatorService) -> FastAPI:
         if not 1 <= limit <= 1000:
             raise BadRequest("limit must be between 1 and 1000")
         return {"dead_letters": service.dead_letters.list(agent_id=agent_id, limit=limit)}
+
+    @app.post("/relay/dead-letters/{dead_letter_id}/retry", tags=["operations"])
+    async def retry_dead_letter(dead_letter_id: int, who: Principal | None = Depends(principal)) -> dict[str, Any]:
+        """Apply a dead letter again (after its cause was fixed); 404 unknown, 409 not retryable (operators only)."""
+        operator_only(who)
+        return await _consumer(service).retry_dead_letter(dead_letter_id)
+
+    @app.post("/relay/dead-letters/{dead_letter_id}/discard", tags=["operations"])
+    async def discard_dead_letter(dead_letter_id: int, who: Principal | None = Depends(principal)) -> dict[str, Any]:
+        """Drop a dead letter for good; one in an agent's sequence requests a resync of it (operators only).
+
+        Answers `{"discarded": id, "resync": {...} | null, "consequence": "..."}`.
+        """
+        operator_only(who)
+        return await _consumer(service).discard_dead_letter(dead_letter_id)
+
+    @app.post("/relay/agents/{agent_id}/resync", status_code=202, tags=["operations"])
+    async def request_resync(
+        agent_id: str, body: ResyncRequest | None = None, who: Principal | None = Depends(principal)
+    ) -> dict[str, Any]:
+        """Ask the agent for a fresh full copy of its replicated tables, replacing its central copy atomically.
+
+        Answered at once (202) with the request; it waits while the agent is offline and is served when it
+        reconnects (`GET /relay/resyncs`, `/relay/agents/{id}` show its progress). Operators only.
+        """
+        operator_only(who)
+        if not is_valid_agent_id(agent_id):
+            raise InvalidAgent(f"invalid agent id {agent_id!r}")
+        reason = body.reason if body is not None and body.reason else "requested by the operator"
+        return await _resync(service).request(agent_id, reason, by=who.identity if who is not None else "operator")
+
+    @app.get("/relay/resyncs", tags=["operations"])
+    async def resyncs(who: Principal | None = Depends(principal)) -> dict[str, Any]:
+        """Resyncs requested and not finished yet (operators only)."""
+        operator_only(who)
+        return {"resyncs": _resync(service).pending()}
+
+    @app.post("/relay/admin/backup", tags=["operations"], response_class=Response)
+    async def admin_backup(who: Principal | None = Depends(principal)) -> Response:
+        """An online, consistent backup of the central store, streamed to the caller (`replicator backup`)."""
+        operator_only(who)
+        return await backup_response(service)
 
     @app.get("/health", tags=["info"])
     async def health() -> dict[str, Any]:

@@ -34,9 +34,19 @@ class ReplicaState:
     retired: frozenset[str] = frozenset()  # epochs replaced by a newer agent database
     open_group: bool = False  # inside a multi-part transaction (a part with final=False was applied)
     group_started: float = 0.0  # time.monotonic() when the open multi-part transaction began
+    last_resync: str | None = None  # request id of the last resync applied (its fresh copy replaced this one)
+    resyncs: int = 0  # resyncs applied to this copy
+    # The agent's own report (its newest status record; never sequenced): what it committed, what JetStream
+    # acknowledged, why it cannot send (None: it can), of which epoch, when it said so.
+    agent_epoch: str | None = None
+    agent_last_seq: int | None = None
+    agent_acked_seq: int | None = None
+    agent_blocked: str | None = None
+    agent_reported_at: float | None = None
 
     def __post_init__(self) -> None:
         self._begun: ReplicaState | None = None  # the state when the open transaction began (not a field)
+        self._group: ReplicaState | None = None  # the state when the open multi-part transaction began (not a field)
 
     def copy(self) -> ReplicaState:
         """An independent copy (TableMeta is frozen: copying the mapping is enough)."""
@@ -71,16 +81,48 @@ class ReplicaState:
     def commit(self) -> None:
         """The current state is the committed one from now on."""
         self._begun = None
+        self._group = None
 
     def rollback(self) -> None:
         """Go back to the state `begin` remembered (a no-op outside a transaction)."""
+        self._group = None
         if self._begun is not None:
             self.restore(self._begun)
             self._begun = None
 
+    # ------------------------------------------------------------ multi-part transaction (inside the open one)
+    @property
+    def in_group(self) -> bool:
+        return self._group is not None
+
+    def begin_group(self) -> None:
+        """Remember the state before the first part of a multi-part transaction."""
+        self._group = self.copy()
+
+    def end_group(self) -> None:
+        """Its final part was applied: nothing to go back to any more."""
+        self._group = None
+
+    def abandon_group(self) -> None:
+        """A part can never be applied: back to the state before the first part (the rest of the open
+        transaction, records complete before it, stays)."""
+        if self._group is not None:
+            self.restore(self._group)
+            self._group = None
+
     def committed(self) -> ReplicaState:
         """The state as of the last commit: what `begin` remembered while a transaction is open, else self."""
         return self._begun if self._begun is not None else self
+
+    def changes_moved(self) -> bool:
+        """Change records were applied in the open transaction (its epoch or watermark moved since `begin`)."""
+        done = self.committed()
+        return (self.epoch, self.watermark) != (done.epoch, done.watermark)
+
+    def resync_applied(self) -> str | None:
+        """The request id of a resync applied in the open transaction (finished when it commits), else None."""
+        done = self.committed()
+        return self.last_resync if self.resyncs != done.resyncs else None
 
     def position(self) -> Position:
         """Where the copy stands, for the ordering policy."""

@@ -1,9 +1,14 @@
-"""`replicator serve`: the service and its relay API under uvicorn, until SIGTERM/SIGINT."""
+"""`replicator serve`: the service and its relay API under uvicorn, until SIGTERM/SIGINT.
+
+The HTTP port is bound before anything else starts (and the bound sockets are
+handed to uvicorn), so a port in use is said plainly and nothing was started.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -11,6 +16,7 @@ import socket
 import uvicorn
 
 from ._http_guard import http_limits, protocol_class, raise_open_files_limit, tls_context
+from .errors import ReplicatorError
 from .relay_api import create_app
 from .service import ReplicatorService
 from .settings import Settings
@@ -18,6 +24,51 @@ from .settings import Settings
 #: Connections the kernel may queue for accept(): deep, so that under a flood a new client waits its turn
 #: instead of having its SYN dropped (a retry a second later); asyncio still accepts `backlog` at a time.
 _LISTEN_QUEUE = 2048
+
+
+class PortInUse(ReplicatorError):
+    """The HTTP port is taken by another process."""
+
+    code = "port_in_use"
+
+
+class CannotListen(ReplicatorError):
+    """The HTTP address cannot be listened on (not this machine's, a privileged port, ...)."""
+
+    code = "cannot_listen"
+
+
+def bind_http(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of `host` at `port` (as uvicorn would bind them), not yet listening.
+
+    Raises PortInUse or CannotListen with a sentence an operator can act on.
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}; check --host") from None
+    bound: list[socket.socket] = []
+    try:
+        for family, kind, proto, address in dict.fromkeys((i[0], i[1], i[2], i[4]) for i in infos):
+            sock = socket.socket(family, kind, proto)
+            bound.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(
+                        f"port {port} on {host} is in use by another process; pick another with --port"
+                    ) from None
+                raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}; check --host and --port") from None
+            sock.set_inheritable(True)
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
 
 
 class _Server(uvicorn.Server):
@@ -42,8 +93,15 @@ async def serve(settings: Settings) -> None:
         open_files=raise_open_files_limit(),
     )
     tls = tls_context(settings.tls_cert, settings.tls_key) if settings.tls_cert else None
+    sockets = bind_http(settings.host, settings.port)
+    port = sockets[0].getsockname()[1]
     service = ReplicatorService(settings)
-    await service.start()
+    try:
+        await service.start()
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     try:
         config = uvicorn.Config(
             create_app(service),
@@ -63,13 +121,15 @@ async def serve(settings: Settings) -> None:
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
         scheme = "https" if tls else "http"
         print(
-            f"replicator: serving {scheme}://{settings.host}:{settings.port} "
+            f"replicator: serving {scheme}://{settings.host}:{port} "
             f"(NATS {service.nats_url}{', embedded' if service.embedded else ''}; data {settings.data_dir}; "
             f"auth {'on' if service.auth else 'off'}; HTTP: {limits.max_connections} connections, "
             f"{limits.request_timeout_s:g} s per request, headers {limits.max_header_bytes} B)",
             flush=True,
         )
-        await server.serve()
+        await server.serve(sockets=sockets)
     finally:
         await service.stop()
+        for sock in sockets:
+            sock.close()
     print("replicator: stopped", flush=True)

@@ -4,8 +4,10 @@ Start: embedded nats-server (unless an external URL is given), the NATS
 connection, the stream (`start_nats`), the central store and the dead-letter
 store (`open_store`), the consumer, the query engine. `replicator rebuild`
 uses the same wiring with its own consumer (`start_nats`, `open_store`,
-`new_consumer`). Stop: the consumer finishes the batch in hand (commit, then
-ack), then the connection drains, then the embedded server stops.
+`new_consumer`). The resync coordinator (resync.py) starts just before the
+consumer, which reports to it. Stop: the consumer finishes the batch in hand
+(commit, then ack), the coordinator stops, then the connection drains, then
+the embedded server stops.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .embedded_nats import EmbeddedNats
 from .errors import NatsUnavailable, StreamMisconfigured
 from .query_engine import QueryEngine
 from .relay_writer import RelayWriter
+from .resync import ResyncCoordinator
 from .settings import Settings
 from .snapshots import Snapshots
 from .stream_watch import StreamWatch
@@ -86,6 +89,7 @@ class ReplicatorService:
         self.auth: AuthStore | None = None
         self.stream_watch: StreamWatch | None = None
         self.snapshots: Snapshots | None = None
+        self.resync: ResyncCoordinator | None = None
         self.stream_replicas: int | None = None
         self.relay_writer = RelayWriter(
             lambda: self.store.view if self.store is not None else None,
@@ -159,6 +163,7 @@ class ReplicatorService:
         """A consumer applying the stream to the open store (`options`: Consumer's keyword arguments)."""
         assert self.js is not None and self.store is not None and self.dead_letters is not None
         options.setdefault("max_held_per_agent", self.settings.max_held_per_agent)
+        options.setdefault("resync_after", self.settings.resync_after_s)
         return Consumer(self.js, self.store, self.dead_letters, durable=durable, **options)
 
     async def start(self) -> None:
@@ -172,6 +177,9 @@ class ReplicatorService:
             self._auth_watch = asyncio.create_task(self._watch_auth(), name="auth-reload")
         store, _dead_letters = self.open_store()
         self.consumer = self.new_consumer(s.durable)
+        # Before the consumer runs: it reports to the coordinator from its first batch on.
+        self.resync = ResyncCoordinator(self.data.recovery_db, store, self.consumer, lambda: self.nc)
+        self.resync.start()
         self.consumer.start()
         self.query_engine = QueryEngine(
             store,
@@ -187,7 +195,9 @@ class ReplicatorService:
         )
         if self.auth is not None:
             self.query_engine.may_read_on_demand = self.auth.may_read_on_demand
-        self.stream_watch = StreamWatch(lambda: self.js, s.durable, store.agent_ids)
+        self.stream_watch = StreamWatch(
+            lambda: self.js, s.durable, store.agent_ids, view=lambda: store.view, stuck_after=s.stuck_after_s
+        )
         self.stream_watch.start()
         self.snapshots = Snapshots(
             self.data, self.consumer.ack_floor, interval_s=s.snapshot_interval_s, keep=s.snapshots_keep
@@ -224,6 +234,10 @@ class ReplicatorService:
         if abs((config.max_age or 0.0) - max_age) > 0.5:
             changes.append(f"max age {config.max_age or 0:g}s -> {max_age:g}s")
             config.max_age = max_age
+        if max_age > 0 and (config.duplicate_window or 0.0) > max_age:
+            # JetStream refuses a duplicate window longer than the age limit.
+            changes.append(f"duplicate window {config.duplicate_window:g}s -> {max_age:g}s")
+            config.duplicate_window = max_age
         max_bytes = self.settings.stream_max_bytes
         if (config.max_bytes if config.max_bytes is not None else -1) != max_bytes:
             changes.append(f"max bytes {config.max_bytes} -> {max_bytes}")
@@ -279,7 +293,9 @@ class ReplicatorService:
             if task is not None:
                 await task.stop()
         if self.consumer is not None:
-            await self.consumer.stop()
+            await self.consumer.stop()  # the batch in hand still reports to the coordinator
+        if self.resync is not None:
+            await self.resync.stop()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.drain(), 5)

@@ -50,6 +50,7 @@ class Settings(BaseModel):
     snapshot_interval_s: float = Field(3_600.0, ge=0)  # seconds between central store snapshots (0: never)
     snapshots_keep: int = Field(3, ge=1)  # snapshots kept (the oldest pruned)
     rebuild_backups_keep: int = Field(2, ge=0)  # rebuild-backup-* directories kept
+    stuck_after_s: float = Field(30.0, gt=0)  # behind the stream and not moving this long: degraded
     resync_after_s: float = Field(60.0, gt=0)  # a missing change not arrived after this long: resync the agent
     default_agent_id: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")  # relay writes naming none
     log_level: str = "warning"

@@ -48,6 +48,8 @@ class AgentView:
     agent_blocked: str | None = None  # what the agent itself reports it cannot send (its status record), or None
     agent_last_seq: int | None = None  # the agent's newest committed change, as it last reported it
     agent_reported_at: float | None = None  # when the agent last reported its status
+    last_resync: str | None = None  # request id of the last resync applied to this copy
+    file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the central file when it was opened
 
     @property
     def lag_changes(self) -> int:

@@ -37,6 +37,7 @@ from agent_client import (
     DUPLICATE_WINDOW_S,
     STREAM_NAME,
     STREAM_SUBJECTS,
+    AgentStatusRecord,
     AgentStorage,
     ChangeRecord,
     FlushTimeout,
@@ -227,7 +228,9 @@ async def advance(storage: AgentStorage, by: int, timeout: float, what: str) -> 
 
 
 async def read_records(cluster: NatsCluster, agent_id: str) -> list[tuple[int, str | None, ChangeRecord]]:
-    """(stream seq, Nats-Msg-Id, record) of every message on the agent's subject, via an ordered consumer."""
+    """(stream seq, Nats-Msg-Id, record) of every change record on the agent's subject, via an ordered consumer.
+
+    The agent's status records (kind "status") on the same subject are skipped."""
     subject = changes_subject(agent_id)
     out: list[tuple[int, str | None, ChangeRecord]] = []
     async with client(cluster) as (_nc, js):
@@ -236,10 +239,14 @@ async def read_records(cluster: NatsCluster, agent_id: str) -> list[tuple[int, s
         if not expected:
             return out
         sub = await js.subscribe(subject, stream=STREAM_NAME, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+        seen = 0
         try:
-            while len(out) < expected:
+            while seen < expected:
                 msg = await sub.next_msg(timeout=10)
+                seen += 1
                 record = decode_record(msg.data)
+                if isinstance(record, AgentStatusRecord):
+                    continue
                 assert isinstance(record, ChangeRecord), f"stream seq {msg.metadata.sequence.stream}: {record!r}"
                 out.append((msg.metadata.sequence.stream, (msg.headers or {}).get("Nats-Msg-Id"), record))
         finally:
@@ -287,7 +294,7 @@ async def assert_stream_exact(cluster: NatsCluster, storage: AgentStorage, writt
             state = await asyncio.to_thread(cluster.stream_state, i, STREAM_NAME)
             states.append(state or {})
         return all(s.get("last_seq") == states[0].get("last_seq") for s in states) and all(
-            s.get("messages") == len(records) for s in states
+            s.get("messages") == states[0].get("messages") for s in states
         )
 
     await wait_for(replicas_agree, 20, "all three replicas holding the same messages")

@@ -23,9 +23,11 @@ from tests.support.htpc import (
     HtpcProcess,
     agent_session,
     apoll,
+    central_db_path,
     decode_rows,
     forged_record,
     run_cli,
+    sqlite_rows,
     typed_value,
     wait_agent_applied,
 )
@@ -464,7 +466,12 @@ async def test_malformed_records_go_to_dead_letters_and_the_consumer_continues(
         # Every agent whose change record was dead-lettered is blocked; the decode failures have no order to break.
         blocked = ["dl-bigint", "dl-forged", "dl-unknown-table"]
         assert health["dead_letters"] == len(expected) and sorted(health["blocked_agents"]) == blocked, health
-        assert health["status"] == "degraded" and len(health["problems"]) == len(blocked), health
+        # Each is named (blocked, and a resync of it requested that its agent never answers); nothing else is.
+        assert health["status"] == "degraded", health
+        assert {a for a in blocked if any(a in p for p in health["problems"])} == set(blocked), health
+        assert all(any(a in p for a in blocked) for p in health["problems"]), health
+        pending = (await client.get("/relay/resyncs")).json()["resyncs"]
+        assert sorted(r["agent_id"] for r in pending) == blocked
 
         cli = await asyncio.to_thread(run_cli, "dead-letters", "--url", htpc.url, "--limit", "100")
         assert cli.returncode == 0, cli.stderr
@@ -535,3 +542,29 @@ async def test_relay_write_while_nats_is_down_is_a_clear_503_then_works_again(
 
         await apoll(applied, 30, "the write after the outage applied (the refused one never was)")
         assert (await client.get("/health")).json()["status"] == "ok"
+
+
+async def test_text_that_is_not_utf8_replicates_with_its_exact_bytes_and_storage_class(
+    htpc: HtpcProcess, tmp_path: Path
+) -> None:
+    migration = Migration(1, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, any_col)")
+    async with (
+        agent_session(
+            "bytes-agent", tmp_path / "agent", htpc_url=htpc.url, migrations=[migration], visibility={"t": "always"}
+        ) as storage,
+        httpx.AsyncClient(base_url=htpc.url, timeout=10) as client,
+    ):
+        async with storage.transaction() as tx:  # what another process's raw SQL can store
+            await tx.execute("INSERT INTO t VALUES (1, CAST(X'C3FF28' AS TEXT), CAST(X'80' AS TEXT))")
+            await tx.execute("INSERT INTO t VALUES (2, 'plain', X'C3FF28')")
+        await storage.flush(timeout=10)
+        await wait_agent_applied(client, "bytes-agent", await storage.last_committed_seq(), epoch=storage.epoch)
+        sql = "SELECT id, typeof(v), hex(v), typeof(any_col), hex(any_col) FROM t ORDER BY id"
+        central = sqlite_rows(central_db_path(htpc.data_dir, "bytes-agent"), sql)
+        assert central == sqlite_rows(storage.db_path, sql)
+        assert central == [(1, "text", "C3FF28", "text", "80"), (2, "text", "706C61696E", "blob", "C3FF28")]
+        resp = await client.post(
+            "/relay/query", json={"agent_id": "bytes-agent", "query": "SELECT v, any_col FROM t ORDER BY id"}
+        )
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["rows"] == [[{"t": "w/8o"}, {"t": "gA=="}], ["plain", {"b": "w/8o"}]]

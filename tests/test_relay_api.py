@@ -232,23 +232,11 @@ async def test_guide_immediate_write_and_query_network_unchanged(
         await guide.close()
 
 
-async def test_guide_batch_write_needs_an_agent_id(
-    module_htpc: HtpcProcess, module_nats: NatsServer, client: httpx.AsyncClient, tmp_path: Path
+async def test_batch_agent_id_for_the_batch_or_per_record(
+    module_htpc: HtpcProcess, module_nats: NatsServer, client: httpx.AsyncClient
 ) -> None:
-    guide = GuideRecruiterAgentStorage(tmp_path / "guide", module_htpc.url)
+    """(The guide's batch, which names no agent, is tests/test_guide_client.py's.)"""
     before = await stream_messages(module_nats.url)
-    try:
-        # The guide's batch payload names no agent at all: refused with a clear code, nothing is published.
-        await guide.batch_write(
-            [{"table": "interviews", "data": {"id": "int-1", "candidate_id": "c1", "notes": "first round"}}]
-        )
-    finally:
-        await guide.close()
-    resp = guide.responses[-1]
-    assert resp.status_code == 400, resp.text
-    assert resp.json()["error"] == "invalid_agent_id" and "agent_id" in resp.json()["message"]
-    assert await stream_messages(module_nats.url) == before
-
     # Batch-level agent_id: the guide's records unchanged, the agent named once for the batch.
     records = [
         {"table": "interviews", "data": {"id": f"int-{k}", "candidate_id": f"c{k}", "notes": f"round {k}"}}
@@ -329,7 +317,7 @@ BAD_REQUESTS: list[tuple[str, str, str, Any, tuple[int, ...], str]] = [
     ("data not an object", "POST", "/relay/immediate", {**_OK_ROW, "data": "id=1"}, (422,), "invalid_request"),
     ("data a list", "POST", "/relay/immediate", {**_OK_ROW, "data": [1, "x"]}, (422,), "invalid_request"),
     ("agent_id a number", "POST", "/relay/immediate", {**_OK_ROW, "agent_id": 42}, (422,), "invalid_request"),
-    ("agent_id missing", "POST", "/relay/immediate", {"table": "t", "data": {"id": 1}}, (422,), "invalid_request"),
+    ("agent_id a list", "POST", "/relay/immediate", {**_OK_ROW, "agent_id": ["a"]}, (422,), "invalid_request"),
     ("timestamp a word", "POST", "/relay/immediate", {**_OK_ROW, "timestamp": "yesterday"}, (422,), "invalid_request"),
     (
         "agent id uppercase",

@@ -24,6 +24,7 @@ from nats.js.api import DeliverPolicy, PubAck
 
 from agent_client import (
     STREAM_NAME,
+    AgentStatusRecord,
     AgentStorage,
     ChangeRecord,
     TableLayout,
@@ -44,6 +45,19 @@ class StreamMessage:
     msg_id: str | None
     data: bytes
     record: ChangeRecord
+
+
+@dataclass(frozen=True)
+class StatusMessage:
+    """One agent status record (kind `status`) of an agent's subject."""
+
+    stream_seq: int
+    msg_id: str | None
+    record: AgentStatusRecord
+
+
+#: The layout an R change (resync, layout id 0) is given by `flatten`: it names no table.
+RESYNC_LAYOUT = TableLayout(table="_resync", columns=[], pk=[])
 
 
 @dataclass(frozen=True)
@@ -89,14 +103,16 @@ async def stream_message_count(url: str) -> int:
         return int(info.state.messages)
 
 
-async def read_agent_stream(url: str, agent_id: str, timeout: float = 10.0) -> list[StreamMessage]:
-    """Every message on `agents.<agent_id>.changes`, in stream order, decoded with decode_record.
+async def _read_subject(
+    url: str, agent_id: str, timeout: float
+) -> list[tuple[int, str | None, bytes, ChangeRecord | AgentStatusRecord]]:
+    """Every message on `agents.<agent_id>.changes`, in stream order: (stream seq, msg id, data, record).
 
     Uses an ordered (ephemeral, flow-controlled) consumer from the first message and reads until the
-    consumer reports nothing pending. Raises if a message is not a valid change record.
+    consumer reports nothing pending. Raises if a message is neither a change record nor a status record.
     """
     subject = changes_subject(agent_id)
-    out: list[StreamMessage] = []
+    out: list[tuple[int, str | None, bytes, ChangeRecord | AgentStatusRecord]] = []
     async with jetstream(url) as js:
         expected = await subject_message_count(js, subject)
         if expected == 0:
@@ -107,19 +123,37 @@ async def read_agent_stream(url: str, agent_id: str, timeout: float = 10.0) -> l
                 msg = await sub.next_msg(timeout=timeout)
                 meta = msg.metadata
                 record = decode_record(msg.data)
-                if not isinstance(record, ChangeRecord):
-                    raise AssertionError(f"stream message {meta.sequence.stream} is not a change record")
+                if not isinstance(record, ChangeRecord | AgentStatusRecord):
+                    raise AssertionError(f"stream message {meta.sequence.stream} is not an agent's record")
                 headers = msg.headers or {}
-                out.append(StreamMessage(meta.sequence.stream, headers.get("Nats-Msg-Id"), msg.data, record))
+                out.append((meta.sequence.stream, headers.get("Nats-Msg-Id"), msg.data, record))
                 if len(out) >= expected and meta.num_pending == 0:
                     break
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-    seqs = [m.stream_seq for m in out]
+    seqs = [m[0] for m in out]
     if seqs != sorted(set(seqs)):
         raise AssertionError(f"ordered consumer delivered stream sequences out of order: {seqs}")
     return out
+
+
+async def read_agent_stream(url: str, agent_id: str, timeout: float = 10.0) -> list[StreamMessage]:
+    """Every change record on `agents.<agent_id>.changes`, in stream order (status records left out)."""
+    return [
+        StreamMessage(seq, mid, data, rec)
+        for seq, mid, data, rec in await _read_subject(url, agent_id, timeout)
+        if isinstance(rec, ChangeRecord)
+    ]
+
+
+async def read_agent_statuses(url: str, agent_id: str, timeout: float = 10.0) -> list[StatusMessage]:
+    """Every agent status record on `agents.<agent_id>.changes`, in stream order."""
+    return [
+        StatusMessage(seq, mid, rec)
+        for seq, mid, _data, rec in await _read_subject(url, agent_id, timeout)
+        if isinstance(rec, AgentStatusRecord)
+    ]
 
 
 async def publish_raw(url: str, subject: str, payload: bytes, message_id: str) -> PubAck:
@@ -134,7 +168,7 @@ def flatten(messages: Iterable[StreamMessage]) -> list[Change]:
     for index, message in enumerate(messages):
         record = message.record
         for seq, op, layout_id, values in record.changes:
-            layout = record.layouts[str(layout_id)]
+            layout = RESYNC_LAYOUT if op == "R" else record.layouts[str(layout_id)]
             decoded = [decode_value(v) for v in values] if op in ("U", "D") else list(values)
             out.append(Change(seq, op, layout, decoded, index))
     return out
@@ -192,11 +226,14 @@ def same_value(a: object, b: object) -> bool:
 
 
 def replay(changes: Iterable[Change]) -> dict[str, dict[tuple[Any, ...], dict[str, SQLiteValue]]]:
-    """Apply changes as the HTPC would: S recreates a table empty, U upserts, D deletes, X forgets."""
+    """Apply changes as the HTPC would: R starts over (a resync), S recreates a table empty, U upserts,
+    D deletes, X forgets."""
     tables: dict[str, dict[tuple[Any, ...], dict[str, SQLiteValue]]] = {}
     for ch in changes:
         layout = ch.layout
-        if ch.op == "S":
+        if ch.op == "R":
+            tables.clear()
+        elif ch.op == "S":
             tables[layout.table] = {}
         elif ch.op == "X":
             tables.pop(layout.table, None)

@@ -468,3 +468,203 @@ def test_sqlite_rolling_back_by_itself_is_noticed_and_rollback_still_works(store
     rep.rollback()  # no "no transaction is active"
     assert not rep.in_txn and rep.state.watermark == 3
     assert rows(rep.path, "SELECT count(*) FROM items WHERE id = 4") == [(0,)]
+
+
+# ---------------------------------------------------------------- resync
+REQUEST = "0123456789abcdef0123456789abcdef"
+
+
+def resync_record(
+    first: int, changes: list[tuple[str, int, list[Any]]], *, epoch: str = EPOCH, final: bool = True
+) -> ChangeRecord:
+    return record(first, [("R", 0, [REQUEST]), *changes], epoch=epoch, final=final)
+
+
+def apply_resync(rep: AgentReplica, rec: ChangeRecord) -> None:
+    rep.begin()
+    with rep.record_savepoint():
+        rep.apply_resync(rec)
+    if not rep.state.open_group:
+        rep.commit()
+
+
+def test_a_resync_replaces_the_agent_tables_keeps_relay_tables_and_clears_blocked(
+    store: CentralStore, tmp_path: Path
+) -> None:
+    rep = created(store)  # items 1, 2 at watermark 3
+    apply(rep, relay(("notes", {"id": 1, "text": "kept"})))
+    rep.begin()
+    rep.set_blocked("changes 4-4 dead-lettered")
+    rep.commit()
+    apply_resync(rep, resync_record(9, [("S", 0, []), ("U", 0, [7, "seven", None])]))
+    state = rep.state
+    assert (state.epoch, state.watermark, state.blocked, state.last_resync, state.resyncs) == (
+        EPOCH,
+        11,
+        None,
+        REQUEST,
+        1,
+    )
+    assert rows(rep.path, "SELECT id, name FROM items") == [(7, "seven")]
+    assert rows(rep.path, "SELECT id, text FROM notes") == [(1, "kept")]
+    store.publish_view()
+    view = store.view.agent(AGENT)
+    assert view is not None and (view.resyncs, view.last_resync, view.blocked) == (1, REQUEST, None)
+    store.close()
+    again = CentralStore(DataDir(tmp_path))  # all of it is stored
+    try:
+        st = again.replica(AGENT).state
+        assert (st.watermark, st.blocked, st.last_resync, st.resyncs) == (11, None, REQUEST, 1)
+    finally:
+        again.close()
+
+
+def test_a_resync_of_another_epoch_retires_the_old_one_and_forgets_what_it_supersedes(store: CentralStore) -> None:
+    rep = created(store)
+    rep.begin()
+    rep.keep_ahead(RecordHeader.of(AGENT, record(9, [("U", 0, [9, "x", None])])), 90)  # old epoch
+    rep.keep_ahead(RecordHeader.of(AGENT, record(5, [("U", 0, [5, "x", None])], epoch=EPOCH2)), 91)  # superseded
+    rep.keep_ahead(RecordHeader.of(AGENT, record(30, [("U", 0, [30, "y", None])], epoch=EPOCH2)), 92)  # after it
+    rep.commit()
+    apply_resync(rep, resync_record(20, [("S", 1, []), ("U", 1, ["k", "v"])], epoch=EPOCH2))
+    state = rep.state
+    assert (state.epoch, state.watermark, state.retired) == (EPOCH2, 22, frozenset({EPOCH}))
+    assert set(state.tables) == {"secrets"}
+    assert state.ahead == 1 and rows(rep.path, "SELECT stream_seq FROM _cr_ahead") == [(92,)]
+    assert rep.due_ahead(10) == []  # 23..29 still missing
+    apply(rep, record(23, [("U", 1, ["k2", "v2"])] * 7, epoch=EPOCH2))
+    assert rep.due_ahead(10) == [92]
+
+
+def test_a_multi_part_resync_shows_the_old_copy_until_its_final_part(store: CentralStore) -> None:
+    rep = created(store)
+    reader = sqlite3.connect(f"file:{rep.path}?mode=ro", uri=True)
+    try:
+        rep.begin()
+        rep.begin_group()
+        with rep.record_savepoint():
+            rep.apply_resync(resync_record(4, [("S", 0, []), ("U", 0, [10, "ten", None])], final=False))
+        assert rep.state.open_group and rep.in_txn
+        assert reader.execute("SELECT id FROM items ORDER BY id").fetchall() == [(1,), (2,)]  # the old copy
+        store.publish_view()
+        view = store.view.agent(AGENT)
+        assert view is not None and (view.watermark, view.resyncs) == (3, 0)
+        with rep.record_savepoint():
+            rep.apply_changes(record(7, [("U", 0, [11, "eleven", None])]))
+        rep.end_group()
+        assert rep.state.resync_applied() == REQUEST
+        rep.commit()
+        assert reader.execute("SELECT id FROM items ORDER BY id").fetchall() == [(10,), (11,)]  # the new one
+    finally:
+        reader.close()
+
+
+def test_an_abandoned_group_goes_back_to_before_its_first_part(store: CentralStore) -> None:
+    rep = created(store)
+    rep.begin()
+    with rep.record_savepoint():
+        rep.apply_changes(record(4, [("U", 0, [4, "four", None])]))  # a whole record before the group
+    rep.begin_group()
+    with rep.record_savepoint():
+        rep.apply_resync(resync_record(5, [("S", 0, []), ("U", 0, [10, "ten", None])], final=False))
+    rep.abandon_group()
+    assert (rep.state.watermark, rep.state.open_group, rep.state.resyncs) == (4, False, 0)
+    rep.commit()
+    assert rows(rep.path, "SELECT id FROM items ORDER BY id") == [(1,), (2,), (4,)]
+
+
+# ---------------------------------------------------------------- values, reports, files
+def test_text_that_is_not_utf8_is_stored_as_text_with_its_exact_bytes(store: CentralStore) -> None:
+    rep = created(store)
+    bad = {"t": "w/8o"}  # b"\xc3\xff\x28"
+    apply(rep, record(4, [("U", 0, [5, bad, None]), ("U", 0, [6, "fine", None]), ("U", 0, [7, bad, {"t": "gA=="}])]))
+    assert rows(rep.path, "SELECT id, typeof(name), hex(name), typeof(data), hex(data) FROM items WHERE id > 4") == [
+        (5, "text", "C3FF28", "null", ""),
+        (6, "text", "66696E65", "null", ""),
+        (7, "text", "C3FF28", "text", "80"),
+    ]
+    # A key that is such text is found again (delete by key).
+    apply(rep, record(7, [("S", 1, []), ("U", 1, [bad, "v"]), ("D", 1, [bad])]))
+    assert rows(rep.path, "SELECT count(*) FROM secrets") == [(0,)]
+
+
+def test_the_agents_status_report_is_kept_newest_first_and_stored(store: CentralStore, tmp_path: Path) -> None:
+    from agent_client import AgentStatusRecord
+
+    rep = created(store)
+    newer = AgentStatusRecord(agent_id=AGENT, epoch=EPOCH, last_seq=9, acked_seq=7, blocked="no", log_bytes=1, at=50.0)
+    older = AgentStatusRecord(agent_id=AGENT, epoch=EPOCH, last_seq=8, acked_seq=6, blocked=None, log_bytes=1, at=40.0)
+    rep.begin()
+    assert rep.note_status(newer) and not rep.note_status(older)
+    assert not rep.state.changes_moved()
+    rep.commit()
+    store.publish_view()
+    view = store.view.agent(AGENT)
+    assert view is not None and (view.agent_blocked, view.agent_last_seq, view.agent_reported_at) == ("no", 9, 50.0)
+    store.close()
+    again = CentralStore(DataDir(tmp_path))
+    try:
+        st = again.replica(AGENT).state
+        assert (st.agent_epoch, st.agent_last_seq, st.agent_acked_seq, st.agent_blocked) == (EPOCH, 9, 7, "no")
+    finally:
+        again.close()
+
+
+def test_a_damaged_central_file_is_quarantined_and_started_afresh(tmp_path: Path) -> None:
+    data = DataDir(tmp_path)
+    data.agents.mkdir(parents=True)
+    data.agent_db("broken").write_bytes(b"this is not a database" * 100)
+    data.agent_db("broken").with_name("broken.db-wal").write_bytes(b"junk")
+    store = CentralStore(data)
+    try:
+        assert "broken" in store.replicas and store.replicas["broken"].state.epoch is None
+        (found,) = store.take_quarantined()
+        assert found.agent_id == "broken" and found.moved_to.parent == data.quarantine
+        assert found.moved_to.read_bytes().startswith(b"this is not a database")
+        assert found.moved_to.with_name(found.moved_to.name + "-wal").read_bytes() == b"junk"
+        assert store.take_quarantined() == []
+        assert rows(data.agent_db("broken"), "SELECT count(*) FROM _cr_state") == [(0,)]
+    finally:
+        store.close()
+
+
+def test_a_side_file_without_its_database_is_set_aside(tmp_path: Path) -> None:
+    data = DataDir(tmp_path)
+    data.agents.mkdir(parents=True)
+    orphan = data.agent_db("lost").with_name("lost.db-wal")
+    orphan.write_bytes(b"stale wal")
+    store = CentralStore(data)
+    try:
+        store.replica("lost")
+        (moved,) = data.quarantine.glob("lost-*.db-wal")
+        assert moved.read_bytes() == b"stale wal"
+        assert not orphan.exists() or orphan.read_bytes() != b"stale wal"
+        assert store.take_quarantined() == []  # nothing was damaged: the agent's file was simply gone
+    finally:
+        store.close()
+
+
+def test_reopen_after_the_file_was_deleted_starts_a_new_copy(store: CentralStore) -> None:
+    rep = created(store)
+    rep.path.unlink()
+    fresh = store.reopen(AGENT)
+    assert fresh is store.replicas[AGENT] and fresh is not rep
+    assert fresh.state.epoch is None and fresh.path.exists()  # (its inode number may be the old one, reused)
+    store.publish_view([AGENT])
+    view = store.view.agent(AGENT)
+    assert view is not None and view.file_id == fresh.file_id and view.watermark == 0
+
+
+def test_resync_marks_show_on_the_view_until_cleared(store: CentralStore) -> None:
+    created(store)
+    store.publish_view()
+    store.mark_resyncs({AGENT: ("a gap", 12.0), "unseen-agent": ("lost", 13.0)})
+    view = store.view.agent(AGENT)
+    assert view is not None and (view.resync_pending, view.resync_requested_at) == ("a gap", 12.0)
+    assert store.view.agent("unseen-agent") is None
+    store.publish_view([AGENT])  # a batch of the apply thread keeps the marks
+    view = store.view.agent(AGENT)
+    assert view is not None and view.resync_pending == "a gap"
+    store.mark_resyncs({})
+    view = store.view.agent(AGENT)
+    assert view is not None and view.resync_pending is None

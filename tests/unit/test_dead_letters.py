@@ -51,3 +51,25 @@ def test_an_older_store_gains_the_new_column(tmp_path: Path) -> None:
         assert store.list()[0]["payload_bytes"] == 2
     finally:
         store.close()
+
+
+def test_get_update_and_delete_one_dead_letter(tmp_path: Path) -> None:
+    import pytest
+
+    from replicator.errors import DeadLetterNotFound
+
+    store = DeadLetterStore(tmp_path / "dl.db", payload_bytes=10)
+    try:
+        whole = store.add(agent_id="a", subject="agents.a.changes", stream_seq=7, reason="first", payload=b"12345")
+        cut = store.add(agent_id="a", subject="agents.a.changes", stream_seq=8, reason="cut", payload=b"x" * 50)
+        letter = store.get(whole)
+        assert (letter.agent_id, letter.stream_seq, letter.payload, letter.payload_bytes) == ("a", 7, b"12345", 5)
+        assert letter.whole and not store.get(cut).whole and store.get(cut).payload == b"x" * 10
+        assert store.update_reason(whole, "again: still wrong")
+        assert store.get(whole).reason == "again: still wrong" and store.get(whole).at >= letter.at
+        assert store.delete(whole) and not store.delete(whole) and not store.update_reason(whole, "x")
+        with pytest.raises(DeadLetterNotFound):
+            store.get(whole)
+        assert [d["id"] for d in store.list()] == [cut]
+    finally:
+        store.close()

@@ -16,6 +16,7 @@ import nats
 import pytest
 
 from agent_client import STREAM_NAME, RelayRecord, RelayRow, decode_record, ensure_stream, relay_msg_id
+from replicator.auth import Principal
 from replicator.data_dir import DataDir, SecretFileInvalid
 from replicator.errors import (
     InvalidAgent,
@@ -26,7 +27,14 @@ from replicator.errors import (
     TableOwnedByAgent,
 )
 from replicator.relay_row import MAX_COLUMNS, TooManyColumns
-from replicator.relay_writer import RecordTooLarge, RelayWriter
+from replicator.relay_writer import (
+    BUILT_IN_DEFAULT_AGENT,
+    MissingPrimaryKey,
+    Planned,
+    RecordTooLarge,
+    RelayWriter,
+    attribute,
+)
 from replicator.store_view import AgentView, StoreView, TableView
 from tests.support.nats_server import NatsServer
 
@@ -34,8 +42,9 @@ SECRET = bytes(range(32))
 
 
 def _view(tables: dict[str, str], columns: tuple[str, ...] = ("id",)) -> StoreView:
-    """An agent `owner` whose tables come from the given sources ("agent" or "relay")."""
-    metas = {n: TableView(n, src, "always", columns, ("",) * len(columns), ("id",), None) for n, src in tables.items()}
+    """An agent `owner` whose tables come from the given sources ("agent" or "relay"); `id` is their key if given."""
+    pk = ("id",) if "id" in columns else ()
+    metas = {n: TableView(n, src, "always", columns, ("",) * len(columns), pk, None) for n, src in tables.items()}
     agent = AgentView(
         agent_id="owner",
         path=Path("/nonexistent/owner.db"),
@@ -259,3 +268,68 @@ def test_a_secret_file_that_holds_no_secret_is_a_named_error(tmp_path: Path) -> 
     data.relay_id_key.chmod(0o644)
     data.relay_id_secret()
     assert stat.S_IMODE(data.relay_id_key.stat().st_mode) == 0o600  # made private again
+
+
+# --------------------------------------------------------------------------- issue 10: primary keys, attribution
+
+
+def test_a_row_without_its_relay_tables_primary_key_is_refused() -> None:
+    writer = _offline(_view({"inbox": "relay"}, columns=("id", "v")))  # the first row had `id`: it is the key
+    writer.check("owner", "inbox", {"id": 1, "v": "x"})
+    with pytest.raises(MissingPrimaryKey, match=r"owner\.inbox lacks its primary key \['id'\]") as info:
+        writer.check("owner", "inbox", {"v": "no key"})
+    assert (info.value.status, info.value.code) == (400, "missing_primary_key")
+    writer.check("owner", "fresh", {"v": "no key"})  # a new table: whatever its first row has decides
+
+
+def test_the_first_row_of_a_request_decides_the_key_for_the_rows_after_it() -> None:
+    writer = _offline()
+    planned: Planned = {}
+    writer.check("a", "t", {"id": 1, "v": "x"}, planned)
+    writer.check("a", "t", {"id": 2, "w": "new column"}, planned)
+    assert planned["t"].columns == ("id", "v", "w") and planned["t"].pk == ("id",)
+    with pytest.raises(MissingPrimaryKey):
+        writer.check("a", "t", {"v": "y"}, planned)
+    with pytest.raises(InvalidName, match="table 'T' of a is named 't'"):
+        writer.check("a", "T", {"id": 3}, planned)
+    keyless: Planned = {}
+    writer.check("a", "log", {"event": "x"}, keyless)
+    writer.check("a", "log", {"event": "y", "id": 7}, keyless)  # no key: an `id` later is just a column
+
+
+def test_tables_a_published_write_creates_are_known_until_the_view_has_them() -> None:
+    view: list[StoreView | None] = [None]
+    writer = RelayWriter(lambda: view[0], lambda: (None, None))
+    planned: Planned = {}
+    writer.check("owner", "inbox", {"id": 1}, planned)
+    writer.check("owner", "inbox", {"v": "unkeyed"})  # nothing published yet: nothing known
+    writer.expect("owner", planned)
+    with pytest.raises(MissingPrimaryKey):
+        writer.check("owner", "inbox", {"v": "unkeyed"})  # published, not applied yet: still refused
+    writer.check("other", "inbox", {"v": "unkeyed"})  # another agent's table of the same name
+    view[0] = _view({"inbox": "relay"}, columns=("id",))
+    with pytest.raises(MissingPrimaryKey):
+        writer.check("owner", "inbox", {"v": "unkeyed"})  # now from the view
+    assert writer._pending == {}
+
+
+@pytest.mark.parametrize(
+    ("header", "who", "configured", "expected"),
+    [
+        ("from-header", Principal("agent", "tok-agent"), "conf", ("from-header", "X-Agent-Id header")),
+        (None, Principal("agent", "tok-agent"), "conf", ("tok-agent", "token")),
+        (None, Principal("operator", "ops"), "conf", ("conf", "--default-agent-id")),
+        (None, None, "conf", ("conf", "--default-agent-id")),
+        (None, None, None, (BUILT_IN_DEFAULT_AGENT, "built-in default")),
+    ],
+)
+def test_rows_that_name_no_agent_are_attributed_never_dropped(
+    header: str | None, who: Principal | None, configured: str | None, expected: tuple[str, str]
+) -> None:
+    found = attribute(header, who, configured)
+    assert (found.agent_id, found.by) == expected
+
+
+def test_an_invalid_x_agent_id_is_a_named_error() -> None:
+    with pytest.raises(InvalidAgent, match="X-Agent-Id"):
+        attribute("Not Valid", None, None)

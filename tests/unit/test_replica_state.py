@@ -50,6 +50,13 @@ def mutate(state: ReplicaState) -> None:
     state.group_started = 55.0
     state.ahead += 3
     state.ahead_since = 300.0
+    state.last_resync = "0123456789abcdef0123456789abcdef"
+    state.resyncs += 1
+    state.agent_epoch = "cccccccc"
+    state.agent_last_seq = 130
+    state.agent_acked_seq = 125
+    state.agent_blocked = "cannot send change 126"
+    state.agent_reported_at = 400.0
 
 
 def test_mutate_changes_every_field() -> None:
@@ -181,3 +188,49 @@ def test_position() -> None:
     assert state.position() == Position("aaaaaaaa", 10, False, False, frozenset({"00000000"}))
     mutate(state)
     assert state.position() == Position("bbbbbbbb", 99, True, True, frozenset({"00000000", "aaaaaaaa"}))
+
+
+def test_changes_moved_and_resync_applied_compare_with_the_begin_time_state() -> None:
+    state = populated()
+    state.begin()
+    assert not state.changes_moved() and state.resync_applied() is None
+    state.agent_reported_at = 500.0  # a status report is not a change
+    state.records_applied += 1  # nor a relay write
+    assert not state.changes_moved()
+    state.watermark = 11
+    assert state.changes_moved()
+    state.last_resync, state.resyncs = "ab" * 16, state.resyncs + 1
+    assert state.resync_applied() == "ab" * 16
+    state.commit()
+    assert not state.changes_moved() and state.resync_applied() is None
+
+
+def test_abandoning_a_group_goes_back_to_its_first_part_and_keeps_what_came_before() -> None:
+    state = populated()
+    state.begin()
+    state.watermark = 11  # a whole record before the multi-part transaction
+    state.begin_group()
+    assert state.in_group
+    mutate(state)  # its parts
+    state.abandon_group()
+    assert not state.in_group and state.in_transaction
+    assert state.watermark == 11 and state.tables == {"t1": T1}
+    state.rollback()
+    assert state == populated()
+
+
+def test_a_finished_group_or_an_ended_transaction_leaves_nothing_to_abandon() -> None:
+    state = populated()
+    state.begin()
+    state.begin_group()
+    state.watermark = 12
+    state.end_group()
+    state.abandon_group()  # nothing to go back to
+    assert state.watermark == 12
+    state.begin_group()
+    state.rollback()
+    assert not state.in_group and state == populated()
+    state.begin()
+    state.begin_group()
+    state.commit()
+    assert not state.in_group

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent_client import ChangeRecord, RelayRecord, RelayRow, TableLayout
+from agent_client import AgentStatusRecord, ChangeRecord, RelayRecord, RelayRow, TableLayout
 from replicator.sequencer import Position, RecordHeader, Verdict, sequence
 
 AGENT = "agent-1"
@@ -12,6 +12,13 @@ AGENT = "agent-1"
 
 def changes(first: int, last: int, *, epoch: str | None = "e1", final: bool = True) -> RecordHeader:
     return RecordHeader(AGENT, AGENT, "changes", epoch, first, last, final)
+
+
+REQUEST = "0123456789abcdef0123456789abcdef"
+
+
+def resync(first: int, last: int, *, epoch: str | None = "e1", final: bool = True) -> RecordHeader:
+    return RecordHeader(AGENT, AGENT, "changes", epoch, first, last, final, REQUEST)
 
 
 def at(watermark: int, *, epoch: str | None = "e1", open_group: bool = False, blocked: bool = False) -> Position:
@@ -151,4 +158,60 @@ def test_verdicts_are_exhaustive() -> None:
         "GAP",
         "BLOCKED",
         "DEAD_LETTER",
+        "RESYNC",
+        "STATUS",
     }
+
+
+# ---------------------------------------------------------------- resync records
+@pytest.mark.parametrize(
+    "position",
+    [at(5), at(5, blocked=True), at(5, open_group=True), at(5, open_group=True, blocked=True)],
+)
+def test_a_resync_above_the_watermark_is_applied_whatever_came_before(position: Position) -> None:
+    # Right after the watermark, far above it (a gap that never filled), behind a dead letter, in an open group.
+    for first in (6, 7, 500):
+        assert sequence(position, resync(first, first + 3)) is Verdict.RESYNC
+        assert sequence(position, resync(first, first, final=False)) is Verdict.RESYNC
+
+
+def test_a_resync_of_a_new_or_unknown_epoch_is_applied_from_wherever_it_starts() -> None:
+    assert sequence(Position(), resync(40, 50, epoch="e2")) is Verdict.RESYNC  # a lost central copy
+    assert sequence(at(5), resync(40, 50, epoch="e2")) is Verdict.RESYNC  # a new database, its start aged out
+    assert sequence(at(5, blocked=True), resync(1, 3, epoch="e2")) is Verdict.RESYNC
+
+
+def test_a_resync_of_a_retired_epoch_is_stale() -> None:
+    assert sequence(at(5), resync(40, 50, epoch="e0")) is Verdict.STALE_EPOCH
+
+
+def test_a_resync_at_or_below_the_watermark_was_applied_before() -> None:
+    assert sequence(at(9), resync(6, 9)) is Verdict.DUPLICATE  # redelivered after its commit
+    assert sequence(at(9), resync(9, 9)) is Verdict.DUPLICATE
+    assert sequence(at(9, open_group=True), resync(6, 9)) is Verdict.DUPLICATE  # a part already applied
+
+
+def test_status_records_are_never_sequenced() -> None:
+    status = RecordHeader(AGENT, AGENT, "status", "e1")
+    for position in (Position(), at(5), at(5, blocked=True), at(5, open_group=True)):
+        assert sequence(position, status) is Verdict.STATUS
+    assert sequence(at(5), RecordHeader(AGENT, "someone-else", "status", "e1")) is Verdict.DEAD_LETTER
+
+
+def test_header_of_a_resync_record_carries_its_request() -> None:
+    layout = TableLayout(table="t", columns=["id"], pk=["id"], sql="CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    rec = ChangeRecord(
+        agent_id=AGENT,
+        epoch="e9e9e9e9",
+        first_seq=7,
+        last_seq=9,
+        committed_at=1.0,
+        layouts={"3": layout},
+        changes=[(7, "R", 0, [REQUEST]), (8, "S", 3, []), (9, "U", 3, [1])],
+    )
+    assert RecordHeader.of(AGENT, rec) == RecordHeader(AGENT, AGENT, "changes", "e9e9e9e9", 7, 9, True, REQUEST)
+
+
+def test_header_of_a_status_record() -> None:
+    rec = AgentStatusRecord(agent_id=AGENT, epoch="e9e9e9e9", last_seq=5, acked_seq=4, log_bytes=0, at=1.0)
+    assert RecordHeader.of(AGENT, rec) == RecordHeader(AGENT, AGENT, "status", "e9e9e9e9")

@@ -15,15 +15,19 @@ from hypothesis import strategies as st
 from agent_client import (
     INT64_MAX,
     INT64_MIN,
+    AgentStatusRecord,
     ChangeRecord,
     InvalidText,
     RecordDecodeError,
     decode_record,
     decode_value,
     decode_values,
+    encode_record,
     encode_value,
     msg_id,
     relay_msg_id,
+    sqlite_text,
+    status_msg_id,
 )
 from agent_client.change_record import change_json, change_record_bytes, encode_values, layout_json
 
@@ -335,3 +339,100 @@ def test_message_ids_need_a_real_secret(secret: bytes) -> None:
         msg_id("agent-7", EPOCH, 1, 1, secret=secret)
     with pytest.raises(ValueError, match="at least 16 bytes"):
         relay_msg_id("agent-7", "k", secret=secret)
+
+
+# --------------------------------------------------------------------------- resync (R) and status records
+
+REQUEST_ID = "0123456789abcdef0123456789abcdef"
+
+
+def resync_record(changes: list[tuple[int, str, int, tuple[Any, ...]]]) -> bytes:
+    return record(changes, {1: notes_layout()})
+
+
+def test_a_record_starting_with_r_is_a_resync_record() -> None:
+    data = resync_record([(7, "R", 0, (REQUEST_ID,)), (8, "S", 1, ()), (9, "U", 1, (1, "a", None, 0.5))])
+    rec = decode_record(data)
+    assert isinstance(rec, ChangeRecord)
+    assert rec.resync_request == REQUEST_ID
+    assert "0" not in rec.layouts  # an R names no table: layout 0 need not be in `layouts`
+    plain = decode_record(resync_record([(8, "S", 1, ()), (9, "U", 1, (1, "a", None, 0.5))]))
+    assert isinstance(plain, ChangeRecord) and plain.resync_request is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ([(7, "S", 1, ()), (8, "R", 0, (REQUEST_ID,))], "must be the first change"),
+        ([(7, "R", 1, (REQUEST_ID,))], "has layout 0"),
+        ([(7, "R", 0, ())], "exactly its request id"),
+        ([(7, "R", 0, (REQUEST_ID, "x"))], "exactly its request id"),
+        ([(7, "R", 0, (REQUEST_ID.upper(),))], "exactly its request id"),
+        ([(7, "R", 0, (12,))], "exactly its request id"),
+    ],
+)
+def test_malformed_resync_changes_are_rejected(
+    changes: list[tuple[int, str, int, tuple[Any, ...]]], message: str
+) -> None:
+    with pytest.raises(RecordDecodeError, match=message):
+        decode_record(resync_record(changes))
+
+
+def status(**override: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "v": 1,
+        "kind": "status",
+        "agent_id": "agent-7",
+        "epoch": EPOCH,
+        "last_seq": 20,
+        "acked_seq": 12,
+        "blocked": "change 13 is too large",
+        "log_bytes": 4096,
+        "at": 1700000000.5,
+    }
+    obj.update(override)
+    return obj
+
+
+def test_status_record_round_trips_and_says_null_when_not_blocked() -> None:
+    rec = decode_record(orjson.dumps(status()))
+    assert isinstance(rec, AgentStatusRecord)
+    assert (rec.last_seq, rec.acked_seq, rec.blocked, rec.log_bytes) == (20, 12, "change 13 is too large", 4096)
+    assert decode_record(encode_record(rec)) == rec
+    clear = AgentStatusRecord(agent_id="agent-7", epoch=EPOCH, last_seq=3, acked_seq=3, log_bytes=0, at=1.0)
+    assert orjson.loads(encode_record(clear))["blocked"] is None  # on the wire in so many words
+    assert decode_record(encode_record(clear)) == clear
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"agent_id": "Agent 7"},
+        {"epoch": "not-hex"},
+        {"last_seq": -1},
+        {"acked_seq": "12"},
+        {"blocked": 5},
+        {"log_bytes": 1.5},
+        {"extra": 1},
+        {"at": None},
+    ],
+)
+def test_malformed_status_records_are_rejected(override: dict[str, Any]) -> None:
+    with pytest.raises(RecordDecodeError, match="invalid status record"):
+        decode_record(orjson.dumps(status(**override)))
+
+
+def test_status_msg_ids_are_the_agents_own_form_and_fresh_per_report() -> None:
+    a = status_msg_id("agent-7", EPOCH, secret=SECRET, nonce="n1")
+    assert a == "agent-7:" + hmac.new(SECRET, f"{EPOCH}:status:n1".encode(), hashlib.sha256).hexdigest()[:32]
+    assert a != status_msg_id("agent-7", EPOCH, secret=SECRET, nonce="n2")
+    assert a != status_msg_id("agent-7", EPOCH, secret=bytes(32), nonce="n1")
+    # never the id of a change record (their MAC input is "<epoch>:<first>-<last>")
+    assert all(a != msg_id("agent-7", EPOCH, f, f, secret=SECRET) for f in range(1, 50))
+
+
+def test_sqlite_text_reads_utf8_as_str_and_anything_else_as_invalid_text() -> None:
+    assert sqlite_text("café".encode()) == "café" and type(sqlite_text(b"abc")) is str
+    got = sqlite_text(b"\xc3\xff(")
+    assert type(got) is InvalidText and got == b"\xc3\xff("
+    assert encode_value(got) == {"t": "w/8o"}
