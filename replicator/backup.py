@@ -38,10 +38,10 @@ from starlette.responses import StreamingResponse
 from agent_client import STREAM_NAME
 
 from .errors import SnapshotFailed
-from .rebuild import point_consumer, replay_start, stamp_now
+from .rebuild import point_consumer, prune_set_aside, staged_replay_start, stamp_now
 from .service import ReplicatorService
 from .settings import Settings
-from .snapshots import MANIFEST, Manifest, forget_stream_positions, put_in_place, read_manifest, stage, verify
+from .snapshots import MANIFEST, Manifest, put_in_place, read_manifest, stage, verify
 
 log = logging.getLogger("replicator.backup")
 
@@ -278,9 +278,9 @@ async def restore(settings: Settings, source: Path) -> int:
             print(f"replicator restore: {exc}; nothing was changed", file=sys.stderr)
             return 1
         staging = staged
-        start, notes = replay_start(manifest.stream_seq, state.first_seq, state.last_seq, f"backup {manifest.stamp}")
-        if manifest.stream_seq > state.last_seq:
-            await asyncio.to_thread(forget_stream_positions, staged)
+        start, notes = await asyncio.to_thread(
+            staged_replay_start, staged, manifest, state.first_seq, state.last_seq, "backup"
+        )
         # The consumer first: should anything below fail, it only replays what the old store holds already.
         await point_consumer(js, settings.durable, start)
         aside = data.set_aside(stamp_now())
@@ -297,8 +297,7 @@ async def restore(settings: Settings, source: Path) -> int:
             f"consumer {settings.durable!r} resumes at stream seq {start}: `replicator serve` now catches up "
             f"from the stream ({behind} messages published after the backup are replayed; what it holds is skipped)"
         )
-        for path in data.prune_rebuild_backups(settings.rebuild_backups_keep):
-            say(f"removed {path.name} (--rebuild-backups-keep {settings.rebuild_backups_keep})")
+        prune_set_aside(settings, say)
         return 0
     finally:
         if staging is not None:

@@ -21,6 +21,7 @@ import contextlib
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from nats.js import JetStreamContext
@@ -106,6 +107,24 @@ def replay_start(covered: int, first_seq: int, last_seq: int, what: str) -> tupl
     return start, notes
 
 
+def staged_replay_start(
+    staging: Path, manifest: Manifest, first_seq: int, last_seq: int, what: str
+) -> tuple[int, list[str]]:
+    """`replay_start` after the staged snapshot or backup (`what`) described by `manifest`; a copy that covers
+    more than the stream holds (another stream, or a recreated one) first forgets that stream's positions."""
+    start, notes = replay_start(manifest.stream_seq, first_seq, last_seq, f"{what} {manifest.stamp}")
+    if manifest.stream_seq > last_seq:
+        forget_stream_positions(staging)
+    return start, notes
+
+
+def prune_set_aside(settings: Settings, say: Callable[[str], None]) -> None:
+    """Remove the set-aside central stores beyond `--rebuild-backups-keep` (oldest first), saying which."""
+    keep = settings.rebuild_backups_keep
+    for path in settings.data.prune_rebuild_backups(keep):
+        say(f"removed {path.name} (--rebuild-backups-keep {keep})")
+
+
 def stamp_now() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
@@ -140,9 +159,7 @@ async def rebuild(settings: Settings, *, full: bool = False) -> int:
         staged = None if full else _stage_newest(settings)
         if staged is not None:
             staging, manifest = staged
-            start, notes = replay_start(manifest.stream_seq, first_seq, last_seq, f"snapshot {manifest.stamp}")
-            if manifest.stream_seq > last_seq:
-                forget_stream_positions(staging)
+            start, notes = staged_replay_start(staging, manifest, first_seq, last_seq, "snapshot")
         else:
             start, notes = max(first_seq, 1), []
             if first_seq > 1:
@@ -194,8 +211,7 @@ async def rebuild(settings: Settings, *, full: bool = False) -> int:
                 f"longer holds ({', '.join(waiting[:20])}"
                 f"{', ...' if len(waiting) > 20 else ''}): they are resynced from the live agents once serving"
             )
-        for path in data.prune_rebuild_backups(settings.rebuild_backups_keep):
-            _say(f"removed {path.name} (--rebuild-backups-keep {settings.rebuild_backups_keep})")
+        prune_set_aside(settings, _say)
         return 0
     finally:
         if staged is not None:

@@ -20,19 +20,12 @@ from tests.support.stream_reader import (
     read_agent_statuses,
     read_agent_stream,
     replay,
+    set_max_msg_size,
     storage,
     wait_until,
 )
 
 AGENT = "agent-1"
-
-
-async def _set_max_msg_size(url: str, size: int) -> None:
-    async with jetstream(url) as js:
-        info = await js.stream_info(STREAM_NAME)
-        config = info.config
-        config.max_msg_size = size
-        await js.update_stream(config)
 
 
 async def _statuses(url: str) -> list[AgentStatusRecord]:
@@ -48,7 +41,7 @@ async def test_jetstream_refusing_a_record_blocks_visibly_and_it_heals_when_the_
         await create_tables(st, "CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB)", always=["t"])
         await st.write_data("t", {"id": 1, "body": b"small"})
         await st.flush()
-        await _set_max_msg_size(nats_server.url, 32 * 1024)
+        await set_max_msg_size(nats_server.url, 32 * 1024)
         await st.write_data("t", {"id": 2, "body": secrets.token_bytes(60_000)})
         big = await st.last_committed_seq()
 
@@ -77,7 +70,7 @@ async def test_jetstream_refusing_a_record_blocks_visibly_and_it_heals_when_the_
         await asyncio.sleep(0.5)
         assert (await st.health_check())["blocked_since"] == since, "the block is one episode, not reset per try"
 
-        await _set_max_msg_size(nats_server.url, -1)  # the operator raises the limit: the next try goes through
+        await set_max_msg_size(nats_server.url, -1)  # the operator raises the limit: the next try goes through
         await st.flush(timeout=30)
         assert (await st.health_check())["blocked"] is None
         db_path = st.db_path

@@ -30,6 +30,7 @@ from tests.support.stream_reader import (
     read_agent_statuses,
     read_agent_stream,
     replay,
+    set_max_msg_size,
     storage,
     stream_message_count,
     wait_until,
@@ -345,15 +346,12 @@ async def test_records_fit_the_streams_own_bound_on_one_message(nats_server: Nat
     (before, a transaction of 300 KB went out as one record JetStream refused on every attempt)."""
     import nats as nats_client
 
-    from agent_client import STREAM_NAME, Migration, ensure_stream
+    from agent_client import STREAM_NAME, Migration
 
+    await set_max_msg_size(nats_server.url, 100 * 1024)
     nc = await nats_client.connect(nats_server.url)
     try:
         js = nc.jetstream()
-        await ensure_stream(js)
-        info = await js.stream_info(STREAM_NAME)
-        info.config.max_msg_size = 100 * 1024
-        await js.update_stream(info.config)
         async with AgentStorage("fit-agent", tmp_path / "a", nats_url=nats_server.url) as st:
             await st.migrate([Migration(1, "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")])
             await st.set_visibility("notes", "always")

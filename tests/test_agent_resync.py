@@ -13,12 +13,8 @@ from typing import Any
 import nats
 import nats.errors
 import orjson
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from agent_client import (
-    DUPLICATE_WINDOW_S,
-    STREAM_NAME,
-    STREAM_SUBJECTS,
     AgentStorage,
     ChangeRecord,
     FlushTimeout,
@@ -29,11 +25,11 @@ from tests.support.stream_reader import (
     assert_rows_identical,
     create_tables,
     flatten,
-    jetstream,
     local_rows,
     read_agent_statuses,
     read_agent_stream,
     replay,
+    set_max_msg_size,
     storage,
     wait_until,
 )
@@ -144,26 +140,10 @@ async def test_controls_the_agent_does_not_understand_are_answered_with_an_error
         assert await st.last_committed_seq() == last, "a refused control changed the log"
 
 
-async def _stream_with_max_msg_size(url: str, max_msg_size: int) -> None:
-    """The stream as an HTPC started with `--max-record-bytes` makes it: one message at most that large."""
-    async with jetstream(url) as js:
-        await js.add_stream(
-            StreamConfig(
-                name=STREAM_NAME,
-                subjects=STREAM_SUBJECTS,
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                discard=DiscardPolicy.OLD,
-                duplicate_window=DUPLICATE_WINDOW_S,
-                max_msg_size=max_msg_size,
-            )
-        )
-
-
 async def test_a_publisher_stuck_on_an_unsendable_change_is_freed_by_fixing_the_row_and_a_resync(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    await _stream_with_max_msg_size(nats_server.url, 64 * 1024)
+    await set_max_msg_size(nats_server.url, 64 * 1024)
     request_id = secrets.token_hex(16)
     async with storage(tmp_path, nats_server.url) as st, client(nats_server.url) as nc:
         await setup(st)
@@ -198,7 +178,8 @@ async def test_a_publisher_stuck_on_an_unsendable_change_is_freed_by_fixing_the_
         reports = await _eventually(blocked_status, "a status record saying the agent is blocked")
         report = reports[0].record
         assert report.blocked == health["blocked"]
-        assert (report.acked_seq, report.last_seq, report.epoch) == (acked, big + 1, st.epoch)
+        assert (report.acked_seq, report.epoch) == (acked, st.epoch)
+        assert report.last_seq in (big, big + 1)  # the block may be reported before the write behind it commits
         assert report.log_bytes > 100_000
 
         # fixing the row alone does not help: the change is still ahead in the log

@@ -11,7 +11,14 @@ from typing import Any
 import httpx
 
 from agent_client import AgentStorage, Migration
-from tests.support.htpc import HtpcProcess, agent_session, apoll, sqlite_rows, table_digest, wait_agent_applied
+from tests.support.htpc import (
+    HtpcProcess,
+    apoll,
+    client_and_agent,
+    sqlite_rows,
+    table_digest,
+    wait_agent_applied,
+)
 
 AGENT = "schema-agent"
 TABLES = {
@@ -65,16 +72,7 @@ async def test_drop_column_follows_to_the_htpc(htpc: HtpcProcess, tmp_path: Path
     """Through every agent_client path: storage.execute, a transaction, a migration, and `python -m agent_client
     sql` from another process while the agent runs (the plain sqlite3 shell is refused by SQLite itself)."""
     migrations = [Migration(i + 1, sql) for i, sql in enumerate(TABLES.values())]
-    async with (
-        agent_session(
-            AGENT,
-            tmp_path / "agent",
-            htpc_url=htpc.url,
-            migrations=migrations,
-            visibility=dict.fromkeys(TABLES, "always"),
-        ) as st,
-        httpx.AsyncClient(base_url=htpc.url, timeout=10) as client,
-    ):
+    async with client_and_agent(htpc, AGENT, tmp_path / "agent", migrations, TABLES) as (client, st):
         await fill(st)
         await converged(st, client, htpc, *TABLES)
 
@@ -104,16 +102,7 @@ async def test_rename_keeps_the_table_replicated_and_the_htpc_follows(htpc: Htpc
     """`ALTER TABLE t RENAME TO u` on an `always` table: it stays `always`, the HTPC drops t and copies u, whether
     the rename came through agent_client or from another process's plain sqlite3 connection."""
     migrations = [Migration(i + 1, sql) for i, sql in enumerate(TABLES.values())]
-    async with (
-        agent_session(
-            AGENT,
-            tmp_path / "agent",
-            htpc_url=htpc.url,
-            migrations=migrations,
-            visibility=dict.fromkeys(TABLES, "always"),
-        ) as st,
-        httpx.AsyncClient(base_url=htpc.url, timeout=10) as client,
-    ):
+    async with client_and_agent(htpc, AGENT, tmp_path / "agent", migrations, TABLES) as (client, st):
         await fill(st)
         await converged(st, client, htpc, *TABLES)
 

@@ -24,9 +24,10 @@ from tests.support.htpc import (
     agent_session,
     apoll,
     central_db_path,
+    client_and_agent,
     run_cli,
+    settle_agent,
     table_digest,
-    wait_agent_applied,
 )
 from tests.support.nats_server import NatsServer
 
@@ -85,11 +86,6 @@ def _assert_converged(data_dir: Path, storage: AgentStorage) -> None:
         assert table_digest(central_db_path(data_dir, AGENT), table, columns) == local, table
 
 
-async def _settled(client: httpx.AsyncClient, storage: AgentStorage) -> None:
-    await storage.flush(timeout=15)
-    await wait_agent_applied(client, AGENT, await storage.last_committed_seq(), epoch=storage.epoch, timeout=20)
-
-
 def _tree_digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -105,20 +101,11 @@ async def test_backup_while_serving_then_restore_after_losing_the_central_store(
     await asyncio.to_thread(htpc.start)
     rng = random.Random(10)
     backup_dir = tmp_path / "backups" / "first"
-    async with (
-        httpx.AsyncClient(base_url=htpc.url, timeout=10) as client,
-        agent_session(
-            AGENT,
-            tmp_path / "agent",
-            htpc_url=htpc.url,
-            nats_url=nats_server.url,
-            migrations=[SCHEMA],
-            visibility=dict.fromkeys(TABLES, "always"),
-        ) as storage,
-    ):
+    session = client_and_agent(htpc, AGENT, tmp_path / "agent", [SCHEMA], TABLES, nats_url=nats_server.url)
+    async with session as (client, storage):
         await _round(storage, rng, 40)
         await _relay_rows(client, 0, 4)
-        await _settled(client, storage)
+        await settle_agent(client, storage)
         assert await apoll(lambda: _relay_count(client), 15, "relay rows applied") == (4, 4)
 
         # Online: the agent keeps writing while the backup is taken and streamed.
@@ -134,7 +121,7 @@ async def test_backup_while_serving_then_restore_after_losing_the_central_store(
         # After the backup: more changes and relay rows, which only the stream holds.
         await _round(storage, rng, 40)
         await _relay_rows(client, 4, 3)
-        await _settled(client, storage)
+        await settle_agent(client, storage)
         assert await apoll(lambda: _relay_count(client), 15, "relay rows applied") == (7, 7)
         backed_up = next(f for f in manifest.agents if f.agent_id == AGENT)
         assert backed_up.watermark is not None and backed_up.watermark < await storage.last_committed_seq()
@@ -163,11 +150,11 @@ async def test_backup_while_serving_then_restore_after_losing_the_central_store(
 
         # Serve again: it catches up from the stream, and keeps going with new writes.
         await asyncio.to_thread(htpc.start)
-        await _settled(client, storage)
+        await settle_agent(client, storage)
         _assert_converged(htpc.data_dir, storage)
         assert await apoll(lambda: _relay_count(client), 15, "relay rows") == (7, 7)  # none lost, none twice
         await _round(storage, rng, 10)
-        await _settled(client, storage)
+        await settle_agent(client, storage)
         _assert_converged(htpc.data_dir, storage)
     assert restored.stamp == manifest.stamp
     await asyncio.to_thread(htpc.stop)
@@ -179,23 +166,14 @@ async def test_a_damaged_or_incomplete_backup_is_refused_and_changes_nothing(
     htpc = htpc_factory(nats_server.url)
     await asyncio.to_thread(htpc.start)
     good = tmp_path / "good"
-    async with (
-        httpx.AsyncClient(base_url=htpc.url, timeout=10) as client,
-        agent_session(
-            AGENT,
-            tmp_path / "agent",
-            htpc_url=htpc.url,
-            nats_url=nats_server.url,
-            migrations=[SCHEMA],
-            visibility=dict.fromkeys(TABLES, "always"),
-        ) as storage,
-    ):
+    session = client_and_agent(htpc, AGENT, tmp_path / "agent", [SCHEMA], TABLES, nats_url=nats_server.url)
+    async with session as (client, storage):
         await _round(storage, random.Random(3), 30)
-        await _settled(client, storage)
+        await settle_agent(client, storage)
         result = await asyncio.to_thread(run_cli, "backup", "--url", htpc.url, "--to", str(good))
         assert result.returncode == 0, result.stderr
         await _round(storage, random.Random(4), 10)
-        await _settled(client, storage)
+        await settle_agent(client, storage)
     await asyncio.to_thread(htpc.stop)
 
     agent_file = f"agents/{AGENT}.db"

@@ -18,8 +18,8 @@ import os
 import secrets
 import signal
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,8 @@ import httpx
 import nats
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent_client import ChangeRecord, Migration, TableLayout, changes_subject, encode_record
-from tests.support.htpc import HtpcProcess, agent_session, apoll, rows_digest, table_digest
+from agent_client import AgentStorage, Migration, changes_subject
+from tests.support.htpc import HtpcProcess, agent_session, apoll, forged_record, rows_digest, table_digest
 from tests.support.nats_server import NatsServer
 
 STUCK_AFTER = ["--stuck-after", "3", "--resync-after", "1h"]
@@ -54,18 +54,8 @@ def _record(
     layouts: dict[str, dict[str, Any]] | None = None,
     final: bool = True,
 ) -> bytes:
-    """A change record as agent `agent` would publish it (validated by the wire model)."""
-    rec = ChangeRecord(
-        agent_id=agent,
-        epoch=epoch,
-        first_seq=first,
-        last_seq=first + len(changes) - 1,
-        final=final,
-        committed_at=time.time(),
-        layouts={k: TableLayout(**v) for k, v in (layouts or {"0": NOTES}).items()},
-        changes=changes,
-    )
-    return encode_record(rec)
+    """A change record as agent `agent` would publish it, on the notes table unless `layouts` says otherwise."""
+    return forged_record(agent, first, changes, layouts or {"0": NOTES}, epoch=epoch, final=final)
 
 
 async def _publish(nats_url: str, agent: str, *payloads: bytes) -> None:
@@ -151,6 +141,21 @@ def _frozen(server: NatsServer) -> Any:
             container.unpause()
 
 
+def _notes_agent(htpc: HtpcProcess, agent_id: str, tmp_path: Path) -> AbstractAsyncContextManager[AgentStorage]:
+    """The test's agent: one replicated `notes` table (the same local database each time it is opened)."""
+    return agent_session(
+        agent_id, tmp_path / "agent", htpc_url=htpc.url, migrations=[Migration(1, NOTES_SQL)], visibility=ALWAYS
+    )
+
+
+async def _write_notes(storage: AgentStorage, htpc: HtpcProcess, rows: dict[int, str]) -> None:
+    """Write `rows` (id: body), one transaction each, and wait until the central notes equal the local ones."""
+    for i, body in rows.items():
+        await storage.write_data("notes", {"id": i, "body": body})
+    await storage.flush(timeout=30)
+    await _same_rows(storage, htpc, storage.agent_id)
+
+
 async def _same_rows(storage: Any, htpc: HtpcProcess, agent_id: str) -> None:
     """central == local for the notes table, by count and checksum."""
     local = table_digest(storage.db_path, "notes", ("id", "body"))
@@ -172,17 +177,9 @@ async def test_a_blocked_agent_degrades_health_and_ready_until_it_is_resynced(
     htpc.start()
     agent_id = "hb-blocked"
 
-    def session() -> Any:
-        return agent_session(
-            agent_id, tmp_path / "agent", htpc_url=htpc.url, migrations=[Migration(1, NOTES_SQL)], visibility=ALWAYS
-        )
-
     async with _http(htpc) as client:
-        async with session() as storage:
-            for i in range(3):
-                await storage.write_data("notes", {"id": i, "body": f"row {i}"})
-            await storage.flush(timeout=30)
-            await _same_rows(storage, htpc, agent_id)
+        async with _notes_agent(htpc, agent_id, tmp_path) as storage:
+            await _write_notes(storage, htpc, {i: f"row {i}" for i in range(3)})
         await apoll(lambda: _ok(client), WAIT, "health ok with a healthy agent")
         before = await _applied(client, agent_id, 1)
         seq = before["watermark"] + 1
@@ -202,7 +199,7 @@ async def test_a_blocked_agent_degrades_health_and_ready_until_it_is_resynced(
 
         # The agent comes back and writes: its copy is resynced (or its own change takes that place in the
         # sequence): no longer blocked, ok again, central == local.
-        async with session() as storage:
+        async with _notes_agent(htpc, agent_id, tmp_path) as storage:
             await storage.write_data("notes", {"id": 10, "body": "after the dead letter"})
             await storage.flush(timeout=30)
             await apoll(lambda: _ok(client), WAIT, "health ok once the agent moved on")
@@ -219,13 +216,8 @@ async def test_a_new_epoch_starting_with_a_gap_shows_a_growing_lag_and_a_reason(
     htpc.start()
     agent_id = "hb-epoch"
     async with _http(htpc) as client:
-        async with agent_session(
-            agent_id, tmp_path / "agent", htpc_url=htpc.url, migrations=[Migration(1, NOTES_SQL)], visibility=ALWAYS
-        ) as storage:
-            for i in range(3):
-                await storage.write_data("notes", {"id": i, "body": f"old {i}"})
-            await storage.flush(timeout=30)
-            await _same_rows(storage, htpc, agent_id)
+        async with _notes_agent(htpc, agent_id, tmp_path) as storage:
+            await _write_notes(storage, htpc, {i: f"old {i}" for i in range(3)})
         old = await _applied(client, agent_id, 1)
 
         # A new agent database (epoch e2) whose first record in the stream starts at seq 5: 1-4 are missing.
@@ -302,17 +294,9 @@ async def test_a_central_file_lost_while_serving_is_reported_until_the_agent_is_
     htpc.start()
     agent_id = "hb-lost"
 
-    def session() -> Any:
-        return agent_session(
-            agent_id, tmp_path / "agent", htpc_url=htpc.url, migrations=[Migration(1, NOTES_SQL)], visibility=ALWAYS
-        )
-
     async with _http(htpc) as client:
-        async with session() as storage:
-            for i in range(20):
-                await storage.write_data("notes", {"id": i, "body": f"row {i}"})
-            await storage.flush(timeout=30)
-            await _same_rows(storage, htpc, agent_id)
+        async with _notes_agent(htpc, agent_id, tmp_path) as storage:
+            await _write_notes(storage, htpc, {i: f"row {i}" for i in range(20)})
         await apoll(lambda: _ok(client), WAIT, "health ok before")
         finished_before = await _metric(client, "replicator_resyncs_finished_total") or 0.0
 
@@ -327,7 +311,7 @@ async def test_a_central_file_lost_while_serving_is_reported_until_the_agent_is_
         assert await _metric(client, "replicator_agent_resync_pending", agent=agent_id) == 1.0
 
         # The agent comes back: the waiting resync is served, the central copy is whole again.
-        async with session() as storage:
+        async with _notes_agent(htpc, agent_id, tmp_path) as storage:
             await apoll(lambda: _ok(client), WAIT * 2, "health ok once the agent was resynced")
             await _same_rows(storage, htpc, agent_id)
         assert (await _metric(client, "replicator_resyncs_finished_total") or 0.0) > finished_before
@@ -340,15 +324,8 @@ async def test_a_frozen_nats_server_degrades_health_until_it_runs_again(
     htpc = htpc_factory(nats_server.url, extra_args=STUCK_AFTER)
     htpc.start()
     agent_id = "hb-frozen"
-    async with (
-        agent_session(
-            agent_id, tmp_path / "agent", htpc_url=htpc.url, migrations=[Migration(1, NOTES_SQL)], visibility=ALWAYS
-        ) as storage,
-        _http(htpc) as client,
-    ):
-        await storage.write_data("notes", {"id": 1, "body": "before"})
-        await storage.flush(timeout=30)
-        await _same_rows(storage, htpc, agent_id)
+    async with _notes_agent(htpc, agent_id, tmp_path) as storage, _http(htpc) as client:
+        await _write_notes(storage, htpc, {1: "before"})
         await apoll(lambda: _ok(client), WAIT, "health ok before")
 
         with _frozen(nats_server):
@@ -371,15 +348,8 @@ async def test_a_near_idle_replicator_counts_no_fetch_stalls(
     htpc = htpc_factory(nats_server.url)
     htpc.start()
     agent_id = "hb-idle"
-    async with (
-        agent_session(
-            agent_id, tmp_path / "agent", htpc_url=htpc.url, migrations=[Migration(1, NOTES_SQL)], visibility=ALWAYS
-        ) as storage,
-        _http(htpc) as client,
-    ):
-        await storage.write_data("notes", {"id": 1, "body": "one"})
-        await storage.flush(timeout=30)
-        await _same_rows(storage, htpc, agent_id)
+    async with _notes_agent(htpc, agent_id, tmp_path) as storage, _http(htpc) as client:
+        await _write_notes(storage, htpc, {1: "one"})
         first_fetch = (await client.get("/health")).json()["consumer"]["last_fetch_at"]
         # ~30 s of a near-idle HTPC: the consumer's 0.5 s fetches end empty some 60 times, none of them a stall.
         for i in range(6):

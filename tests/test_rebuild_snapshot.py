@@ -21,12 +21,12 @@ from replicator.data_dir import DataDir
 from replicator.snapshots import list_snapshots, read_manifest
 from tests.support.htpc import (
     HtpcProcess,
-    agent_session,
     apoll,
     central_db_path,
+    client_and_agent,
     run_cli,
+    settle_agent,
     table_digest,
-    wait_agent_applied,
 )
 from tests.support.nats_server import NatsServer
 
@@ -47,13 +47,6 @@ async def _writes(storage: AgentStorage, client: httpx.AsyncClient, tag: str, ro
     assert resp.status_code == 202, resp.text
 
 
-async def _settled(client: httpx.AsyncClient, storage: AgentStorage) -> int:
-    last = await storage.last_committed_seq()
-    await storage.flush(timeout=15)
-    await wait_agent_applied(client, AGENT, last, epoch=storage.epoch, timeout=20)
-    return last
-
-
 def _relay_tags(data_dir: Path) -> list[str]:
     conn = sqlite3.connect(f"file:{central_db_path(data_dir, HTTP_AGENT)}?mode=ro", uri=True)
     try:
@@ -69,19 +62,10 @@ async def test_rebuild_from_the_newest_snapshot_with_the_stream_trimmed_below_it
     await asyncio.to_thread(htpc.start)
     data = DataDir(htpc.data_dir)
     agent_dir = tmp_path / "agent"
-    async with (
-        httpx.AsyncClient(base_url=htpc.url, timeout=10) as client,
-        agent_session(
-            AGENT,
-            agent_dir,
-            htpc_url=htpc.url,
-            nats_url=nats_server.url,
-            migrations=[SCHEMA],
-            visibility={"notes": "always"},
-        ) as storage,
-    ):
+    session = client_and_agent(htpc, AGENT, agent_dir, [SCHEMA], ["notes"], nats_url=nats_server.url)
+    async with session as (client, storage):
         await _writes(storage, client, "a", 8)
-        last_a = await _settled(client, storage)
+        last_a = await settle_agent(client, storage)
         await apoll(lambda: _relay_done(client, 1), 15, "relay row a")
 
         async def snapshot_of_a() -> Path | None:
@@ -103,7 +87,7 @@ async def test_rebuild_from_the_newest_snapshot_with_the_stream_trimmed_below_it
         htpc.extra_args = ["--snapshot-interval", "0"]
         await asyncio.to_thread(htpc.start)
         await _writes(storage, client, "b", 8)
-        await _settled(client, storage)
+        await settle_agent(client, storage)
         await apoll(lambda: _relay_done(client, 2), 15, "relay row b")
         await asyncio.to_thread(htpc.stop)
 
@@ -130,7 +114,7 @@ async def test_rebuild_from_the_newest_snapshot_with_the_stream_trimmed_below_it
         # Serve continues from the rebuilt store.
         await asyncio.to_thread(htpc.start)
         await _writes(storage, client, "c", 3)
-        await _settled(client, storage)
+        await settle_agent(client, storage)
         await apoll(lambda: _relay_done(client, 3), 15, "relay row c")
         assert table_digest(central_db_path(htpc.data_dir, AGENT), "notes", COLUMNS) == table_digest(
             storage.db_path, "notes", COLUMNS

@@ -6,148 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 import pytest
 
-from agent_client import STREAM_NAME
+from tests.support.guide_client import GUIDE_AGENT, GuideRecruiterAgentStorage
 from tests.support.htpc import (
     HtpcProcess,
     apoll,
 )
 from tests.support.nats_server import NatsServer
-
-GUIDE_AGENT = "gillsystems-recruiter-agent"
-
-
-# ----------------------------------------------------------------------------- the guide's client, verbatim
-class GuideRecruiterAgentStorage:
-    """`RecruiterAgentStorage` from the storage guide (its dual write and sync queue), plus the guide's
-    `batch_write` and `query_network` from its other sections. Only the HTTP client gets an event hook that
-    records every response, since the guide's code does not look at statuses itself.
-    """
-
-    def __init__(self, data_dir: Path, htpc_url: str) -> None:
-        self.agent_id = "gillsystems-recruiter-agent"
-        self.data_dir = data_dir
-        self.db_path = data_dir / f"{self.agent_id}.db"
-        self.htpc_url = htpc_url
-        self.conn: sqlite3.Connection | None = None
-        self.responses: list[httpx.Response] = []
-        self.http_client = httpx.AsyncClient(timeout=5.0, event_hooks={"response": [self._record]})
-        self._initialize()
-
-    async def _record(self, response: httpx.Response) -> None:
-        await response.aread()
-        self.responses.append(response)
-
-    def _initialize(self) -> None:
-        """Initialize storage system"""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(self.db_path, check_same_thread=False)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self._create_schema()
-
-    def _create_schema(self) -> None:
-        assert self.conn is not None
-        self.conn.executescript("""
-            CREATE TABLE IF NOT EXISTS candidates (
-                id TEXT PRIMARY KEY,
-                name TEXT NOT NULL,
-                email TEXT UNIQUE,
-                skills TEXT,
-                experience_years INTEGER,
-                status TEXT DEFAULT 'active',
-                created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
-                updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP
-            );
-            CREATE TABLE IF NOT EXISTS interviews (
-                id TEXT PRIMARY KEY,
-                candidate_id TEXT REFERENCES candidates(id),
-                interviewer_agent TEXT,
-                scheduled_date TIMESTAMP,
-                notes TEXT,
-                outcome TEXT,
-                created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP
-            );
-            CREATE TABLE IF NOT EXISTS sync_queue (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                table_name TEXT,
-                data TEXT,
-                queued_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP
-            );
-        """)
-        self.conn.commit()
-
-    async def add_candidate(self, candidate: dict[str, Any]) -> str:
-        """Add a new candidate (dual-write)"""
-        assert self.conn is not None
-        candidate_id = candidate.get("id") or self._generate_id()
-        candidate["id"] = candidate_id
-        self.conn.execute(
-            """
-            INSERT INTO candidates (id, name, email, skills, experience_years)
-            VALUES (?, ?, ?, ?, ?)
-        """,
-            (
-                candidate_id,
-                candidate["name"],
-                candidate.get("email"),
-                json.dumps(candidate.get("skills", [])),
-                candidate.get("experience_years", 0),
-            ),
-        )
-        self.conn.commit()
-        await self._write_to_htpc("candidates", candidate)
-        return str(candidate_id)
-
-    async def _write_to_htpc(self, table: str, data: dict[str, Any]) -> None:
-        """Write data to HTPC with error handling"""
-        assert self.conn is not None
-        try:
-            endpoint = f"{self.htpc_url}/relay/immediate"
-            payload = {"agent_id": self.agent_id, "table": table, "data": data, "timestamp": time.time()}
-            await self.http_client.post(endpoint, json=payload)
-        except Exception:
-            self.conn.execute("INSERT INTO sync_queue (table_name, data) VALUES (?, ?)", (table, json.dumps(data)))
-            self.conn.commit()
-
-    async def _write_local(self, table: str, data: dict[str, Any]) -> None:
-        assert self.conn is not None
-        cols = list(data)
-        self.conn.execute(
-            f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", [data[c] for c in cols]
-        )
-        self.conn.commit()
-
-    async def batch_write(self, records: list[dict[str, Any]]) -> None:
-        for record in records:
-            await self._write_local(record["table"], record["data"])
-        endpoint = f"{self.htpc_url}/relay/batch"
-        await self.http_client.post(endpoint, json={"records": records})
-
-    async def query_network(self, query: str, params: dict[str, Any] | None = None) -> Any:
-        """Query data from HTPC (network-wide view)"""
-        endpoint = f"{self.htpc_url}/relay/query"
-        payload = {"agent_id": self.agent_id, "query": query, "params": params or {}}
-        response = await self.http_client.post(endpoint, json=payload)
-        return response.json()
-
-    def _generate_id(self) -> str:
-        return str(uuid.uuid4())
-
-    async def close(self) -> None:
-        if self.conn:
-            self.conn.close()
-        await self.http_client.aclose()
+from tests.support.stream_reader import stream_message_count
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -176,15 +49,6 @@ async def wait_rows(
         await apoll(check, timeout, f"{sql!r} on {agent_id} == {expected!r}")
     except AssertionError:
         raise AssertionError(f"{sql!r} on {agent_id}: got {await query_rows(client, agent_id, sql)!r}") from None
-
-
-async def stream_messages(nats_url: str) -> int:
-    nc = await nats.connect(nats_url, connect_timeout=5, allow_reconnect=False)
-    try:
-        info = await nc.jetstream().stream_info(STREAM_NAME)
-        return int(info.state.messages)
-    finally:
-        await nc.close()
 
 
 # ----------------------------------------------------------------------------- the guide's calls
@@ -236,7 +100,7 @@ async def test_batch_agent_id_for_the_batch_or_per_record(
     module_htpc: HtpcProcess, module_nats: NatsServer, client: httpx.AsyncClient
 ) -> None:
     """(The guide's batch, which names no agent, is tests/test_guide_client.py's.)"""
-    before = await stream_messages(module_nats.url)
+    before = await stream_message_count(module_nats.url)
     # Batch-level agent_id: the guide's records unchanged, the agent named once for the batch.
     records = [
         {"table": "interviews", "data": {"id": f"int-{k}", "candidate_id": f"c{k}", "notes": f"round {k}"}}
@@ -255,7 +119,7 @@ async def test_batch_agent_id_for_the_batch_or_per_record(
     resp = await client.post("/relay/batch", json={"records": mixed})
     assert resp.status_code == 202, resp.text
     assert sorted(p["agent_id"] for p in resp.json()["published"]) == ["batch-agent-x", "batch-agent-y"]
-    assert await stream_messages(module_nats.url) == before + 3
+    assert await stream_message_count(module_nats.url) == before + 3
 
     await wait_rows(
         client,
@@ -542,7 +406,7 @@ async def test_bad_input_gets_json_4xx_and_changes_nothing(
     statuses: tuple[int, ...],
     code: str,
 ) -> None:
-    before_stream = await stream_messages(module_nats.url)
+    before_stream = await stream_message_count(module_nats.url)
     before_agents = sorted((await client.get("/relay/agents")).json()["agents"], key=lambda a: a["agent_id"])
     resp = await _send(client, method, path, body)
     assert resp.status_code in statuses, resp.text[:500]
@@ -551,7 +415,7 @@ async def test_bad_input_gets_json_4xx_and_changes_nothing(
     assert isinstance(error.get("error"), str) and error["error"] and isinstance(error.get("message"), str)
     if code:
         assert error["error"] == code, error
-    assert await stream_messages(module_nats.url) == before_stream
+    assert await stream_message_count(module_nats.url) == before_stream
     after_agents = sorted((await client.get("/relay/agents")).json()["agents"], key=lambda a: a["agent_id"])
     assert [(a["agent_id"], a["watermark"], a["records_applied"]) for a in after_agents] == [
         (a["agent_id"], a["watermark"], a["records_applied"]) for a in before_agents
@@ -560,7 +424,7 @@ async def test_bad_input_gets_json_4xx_and_changes_nothing(
 
 async def test_oversized_bodies_are_refused_before_parsing(module_nats: NatsServer, client: httpx.AsyncClient) -> None:
     limit = 1024 * 1024
-    before = await stream_messages(module_nats.url)
+    before = await stream_message_count(module_nats.url)
     big = json.dumps({"agent_id": "big-agent", "table": "blobs", "data": {"id": 1, "v": "x" * limit}}).encode()
     assert len(big) > limit
 
@@ -581,7 +445,7 @@ async def test_oversized_bodies_are_refused_before_parsing(module_nats: NatsServ
         json={"agent_id": "big-agent", "query": "SELECT 1 WHERE ? = ?", "params": ["y" * limit, "z"]},
     )
     assert resp.status_code == 413 and resp.json()["error"] == "payload_too_large"
-    assert await stream_messages(module_nats.url) == before
+    assert await stream_message_count(module_nats.url) == before
 
     # Exactly at the limit the body is accepted by the API, but its record no longer fits the server's
     # max_payload (1 MB here): that is 413 too, never a 503 a client would retry forever.
@@ -592,8 +456,8 @@ async def test_oversized_bodies_are_refused_before_parsing(module_nats: NatsServ
     assert resp.status_code in (202, 413), resp.text[:300]
     if resp.status_code == 413:
         assert resp.json()["error"] == "payload_too_large"
-    assert await stream_messages(module_nats.url) == before + (resp.status_code == 202)
-    before = await stream_messages(module_nats.url)
+    assert await stream_message_count(module_nats.url) == before + (resp.status_code == 202)
+    before = await stream_message_count(module_nats.url)
 
     # Just under the limit is fine (the limit is where it says it is, not lower).
     fits = {"agent_id": "big-agent", "table": "blobs", "data": {"id": 2, "v": "w" * (limit - 4096)}}

@@ -26,6 +26,7 @@ from tests.support.htpc import (
     agent_session,
     apoll,
     central_db_path,
+    client_and_agent,
     open_agent,
     rows_digest,
     sqlite_rows,
@@ -82,12 +83,7 @@ async def test_a_dead_lettered_record_in_the_sequence_is_healed_by_an_automatic_
 ) -> None:
     htpc = htpc_factory(nats_server.url, extra_args=["--max-agent-bytes", str(1024 * 1024)])
     htpc.start()
-    async with (
-        agent_session(
-            "dl-agent", tmp_path / "agent", htpc_url=htpc.url, migrations=[NOTES], visibility={"notes": "always"}
-        ) as storage,
-        httpx.AsyncClient(base_url=htpc.url, timeout=10) as client,
-    ):
+    async with client_and_agent(htpc, "dl-agent", tmp_path / "agent", [NOTES], ["notes"]) as (client, storage):
         await storage.batch_write([{"table": "notes", "data": row(i)} for i in range(50)])
         await wait_agent_applied(client, "dl-agent", await storage.last_committed_seq(), epoch=storage.epoch)
         # One transaction the HTPC rejects (over the agent's 1 MiB quota), then more: the sequence is broken.
@@ -129,12 +125,7 @@ async def test_a_gap_that_never_fills_is_healed_after_resync_after(
 ) -> None:
     htpc = htpc_factory(nats_server.url, extra_args=["--resync-after", "1s"])
     htpc.start()
-    async with (
-        agent_session(
-            "gap-agent", tmp_path / "agent", htpc_url=htpc.url, migrations=[NOTES], visibility={"notes": "always"}
-        ) as storage,
-        httpx.AsyncClient(base_url=htpc.url, timeout=10) as client,
-    ):
+    async with client_and_agent(htpc, "gap-agent", tmp_path / "agent", [NOTES], ["notes"]) as (client, storage):
         await storage.batch_write([{"table": "notes", "data": row(i)} for i in range(20)])
         applied = await wait_agent_applied(client, "gap-agent", await storage.last_committed_seq())
         htpc.stop()
@@ -157,12 +148,7 @@ async def test_a_gap_that_never_fills_is_healed_after_resync_after(
 async def test_the_central_file_deleted_while_the_htpc_is_down_is_resynced_at_start(
     htpc: HtpcProcess, tmp_path: Path
 ) -> None:
-    async with (
-        agent_session(
-            "lost-agent", tmp_path / "agent", htpc_url=htpc.url, migrations=[NOTES], visibility={"notes": "always"}
-        ) as storage,
-        httpx.AsyncClient(base_url=htpc.url, timeout=10) as client,
-    ):
+    async with client_and_agent(htpc, "lost-agent", tmp_path / "agent", [NOTES], ["notes"]) as (client, storage):
         await storage.batch_write([{"table": "notes", "data": row(i)} for i in range(30)])
         await converged(client, htpc, storage)
         htpc.stop()
@@ -179,12 +165,7 @@ async def test_history_aged_out_of_the_stream_below_the_watermark_is_resynced(
 ) -> None:
     htpc = htpc_factory(nats_server.url, extra_args=["--stream-max-age", "2s", "--resync-after", "1s"])
     htpc.start()
-    async with (
-        agent_session(
-            "aged-agent", tmp_path / "agent", htpc_url=htpc.url, migrations=[NOTES], visibility={"notes": "always"}
-        ) as storage,
-        httpx.AsyncClient(base_url=htpc.url, timeout=10) as client,
-    ):
+    async with client_and_agent(htpc, "aged-agent", tmp_path / "agent", [NOTES], ["notes"]) as (client, storage):
         await storage.batch_write([{"table": "notes", "data": row(i)} for i in range(20)])
         await converged(client, htpc, storage)
         htpc.stop()
@@ -245,12 +226,7 @@ async def test_an_agent_offline_when_the_resync_is_requested_is_served_when_it_r
 
 async def test_readers_see_the_old_copy_or_the_new_one_never_a_mix(htpc: HtpcProcess, tmp_path: Path) -> None:
     rows = 20_000
-    async with (
-        agent_session(
-            "big-agent", tmp_path / "agent", htpc_url=htpc.url, migrations=[NOTES], visibility={"notes": "always"}
-        ) as storage,
-        httpx.AsyncClient(base_url=htpc.url, timeout=10) as client,
-    ):
+    async with client_and_agent(htpc, "big-agent", tmp_path / "agent", [NOTES], ["notes"]) as (client, storage):
         for start in range(0, rows, 5_000):
             await storage.batch_write([{"table": "notes", "data": row(i)} for i in range(start, start + 5_000)])
         await converged(client, htpc, storage, timeout=30)
@@ -298,12 +274,7 @@ async def test_automatic_resyncs_are_bounded_and_an_operator_resync_heals_after_
 ) -> None:
     htpc = htpc_factory(nats_server.url, extra_args=["--max-agent-bytes", str(1024 * 1024), "--resync-after", "1s"])
     htpc.start()
-    async with (
-        agent_session(
-            "huge-agent", tmp_path / "agent", htpc_url=htpc.url, migrations=[NOTES], visibility={"notes": "always"}
-        ) as storage,
-        httpx.AsyncClient(base_url=htpc.url, timeout=10) as client,
-    ):
+    async with client_and_agent(htpc, "huge-agent", tmp_path / "agent", [NOTES], ["notes"]) as (client, storage):
         for i in range(30):  # 1.5 MB: more than this agent's central copy may hold; a fresh copy cannot fit either
             await storage.write_data("notes", row(i, size=50_000))
 
@@ -335,12 +306,7 @@ async def test_automatic_resyncs_are_bounded_and_an_operator_resync_heals_after_
 async def test_a_central_file_lost_while_serving_or_damaged_at_start_is_noticed_and_resynced(
     htpc: HtpcProcess, tmp_path: Path
 ) -> None:
-    async with (
-        agent_session(
-            "gone-agent", tmp_path / "agent", htpc_url=htpc.url, migrations=[NOTES], visibility={"notes": "always"}
-        ) as storage,
-        httpx.AsyncClient(base_url=htpc.url, timeout=10) as client,
-    ):
+    async with client_and_agent(htpc, "gone-agent", tmp_path / "agent", [NOTES], ["notes"]) as (client, storage):
         await storage.batch_write([{"table": "notes", "data": row(i)} for i in range(30)])
         await converged(client, htpc, storage)
         central = central_db_path(htpc.data_dir, "gone-agent")

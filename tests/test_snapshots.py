@@ -9,12 +9,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
 from agent_client import Migration
 from replicator.data_dir import DataDir
 from replicator.snapshots import list_snapshots, read_manifest, verify
-from tests.support.htpc import HtpcProcess, agent_session, apoll, table_digest, wait_agent_applied
+from tests.support.htpc import HtpcProcess, apoll, client_and_agent, settle_agent, table_digest
 from tests.support.nats_server import NatsServer
 
 AGENT = "snap-agent"
@@ -37,17 +35,8 @@ async def test_periodic_snapshots_appear_complete_and_pruned(
         observed.update(p.name for p in found)
         return found
 
-    async with (
-        httpx.AsyncClient(base_url=htpc.url, timeout=10) as client,
-        agent_session(
-            AGENT,
-            tmp_path / "agent",
-            htpc_url=htpc.url,
-            nats_url=nats_server.url,
-            migrations=[SCHEMA],
-            visibility={"notes": "always"},
-        ) as storage,
-    ):
+    session = client_and_agent(htpc, AGENT, tmp_path / "agent", [SCHEMA], ["notes"], nats_url=nats_server.url)
+    async with session as (client, storage):
         # Keep writing for a while: each round moves the consumer on, so a new snapshot is due every interval.
         deadline = time.monotonic() + 15
         n = 0
@@ -61,9 +50,7 @@ async def test_periodic_snapshots_appear_complete_and_pruned(
         assert len(observed) >= 5, f"only {sorted(observed)} appeared"
         assert most_at_once <= 3  # the keep, plus a new one for the moment before the oldest is pruned
 
-        last = await storage.last_committed_seq()
-        await storage.flush(timeout=15)
-        await wait_agent_applied(client, AGENT, last, epoch=storage.epoch)
+        last = await settle_agent(client, storage, timeout=30)
         local = table_digest(storage.db_path, "notes", ("id", "body", "n"))
 
         async def covering() -> Path | None:

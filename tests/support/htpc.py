@@ -395,6 +395,7 @@ def forged_record(
     changes: list[tuple[int, str, int, list[Any]]],
     layouts: dict[str, dict[str, Any]],
     epoch: str = "0123456789abcdef",
+    final: bool = True,
 ) -> bytes:
     """A change record built by hand (validated by the wire model), serialised with the stdlib json module so
     that it can carry values orjson refuses to write (integers beyond 64 bits)."""
@@ -403,6 +404,7 @@ def forged_record(
         epoch=epoch,
         first_seq=first,
         last_seq=first + len(changes) - 1,
+        final=final,
         committed_at=time.time(),
         layouts={k: TableLayout(**v) for k, v in layouts.items()},
         changes=changes,
@@ -462,3 +464,38 @@ async def agent_session(*args: Any, **kwargs: Any) -> AsyncIterator[AgentStorage
         yield storage
     finally:
         await storage.close()
+
+
+@contextlib.asynccontextmanager
+async def client_and_agent(
+    htpc: HtpcProcess,
+    agent_id: str,
+    agent_dir: Path,
+    migrations: Iterable[Migration],
+    tables: Iterable[str],
+    *,
+    nats_url: str | None = None,
+) -> AsyncIterator[tuple[httpx.AsyncClient, AgentStorage]]:
+    """`async with client_and_agent(...) as (client, storage):` an HTTP client to `htpc`, and an agent whose
+    `migrations` create `tables`, all replicated (visibility `always`); through `nats_url`, else the NATS URL
+    the HTPC gives it."""
+    async with (
+        httpx.AsyncClient(base_url=htpc.url, timeout=10) as client,
+        agent_session(
+            agent_id,
+            agent_dir,
+            htpc_url=htpc.url,
+            nats_url=nats_url,
+            migrations=migrations,
+            visibility=dict.fromkeys(tables, "always"),
+        ) as storage,
+    ):
+        yield client, storage
+
+
+async def settle_agent(client: httpx.AsyncClient, storage: AgentStorage, timeout: float = 20.0) -> int:
+    """Flush the agent's changes and wait until the HTPC has applied all of them: its last committed seq."""
+    last = await storage.last_committed_seq()
+    await storage.flush(timeout=15)
+    await wait_agent_applied(client, storage.agent_id, last, epoch=storage.epoch, timeout=timeout)
+    return last

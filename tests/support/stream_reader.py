@@ -31,6 +31,7 @@ from agent_client import (
     changes_subject,
     decode_record,
     decode_value,
+    ensure_stream,
     msg_id,
 )
 
@@ -101,6 +102,16 @@ async def stream_message_count(url: str) -> int:
         except nats.js.errors.NotFoundError:
             return 0
         return int(info.state.messages)
+
+
+async def set_max_msg_size(url: str, size: int) -> None:
+    """Bound one message of the AGENT_CHANGES stream to `size` bytes (-1: no bound), as an HTPC started with
+    `--max-record-bytes` does; the stream is created first (the agent's own config) if it does not exist."""
+    async with jetstream(url) as js:
+        await ensure_stream(js)
+        config = (await js.stream_info(STREAM_NAME)).config
+        config.max_msg_size = size
+        await js.update_stream(config)
 
 
 async def _read_subject(
