@@ -77,6 +77,8 @@ _ENVELOPE_BYTES = 16 * 1024
 STATUS_INTERVAL_S = 30.0
 #: A status record that could not be sent is tried again after this.
 _STATUS_RETRY_S = 5.0
+#: With nothing to report, the log is read for a backlog at most this often (not on every round of the loop).
+_STATUS_CHECK_S = 1.0
 
 log = logging.getLogger("agent_client.publisher")
 
@@ -190,6 +192,7 @@ class Publisher:
         self._status_blocked: str | None = None
         self._status_sent_at = -math.inf  # monotonic
         self._status_retry_at = 0.0
+        self._status_check_at = 0.0  # monotonic: no backlog read for a status before it
         self._check_space = False  # a trim happened: maybe give free pages back
         self._probe = False  # a PubAck never came: send the next record alone and wait for its answer
         self._stream_max_msg = 0  # the stream's max_msg_size (0: unknown or unlimited)
@@ -355,17 +358,25 @@ class Publisher:
         if now < self._status_retry_at:
             return
         due = self._status_generation != self.link.generation or self._status_blocked != self.blocked
+        last: int | None = None
         try:
             if not due and now - self._status_sent_at >= self.status_interval:
-                last = await self._reader.call(change_log.last_committed_seq)
-                due = self.blocked is not None or last > self.acked_seq
+                if self.blocked is not None:
+                    due = True
+                elif now >= self._status_check_at:
+                    last = await self._reader.call(change_log.last_committed_seq)
+                    due = last > self.acked_seq
+                    if not due:
+                        self._status_check_at = now + min(_STATUS_CHECK_S, self.status_interval)
             if not due:
                 return
             generation, blocked = self.link.generation, self.blocked
+            if last is None:
+                last = await self._reader.call(change_log.last_committed_seq)
             record = AgentStatusRecord(
                 agent_id=self.agent_id,
                 epoch=self.epoch,
-                last_seq=await self._reader.call(change_log.last_committed_seq),
+                last_seq=last,
                 acked_seq=max(0, self.acked_seq),
                 blocked=blocked,
                 log_bytes=await self._reader.call(disk_space.log_bytes),
@@ -547,17 +558,21 @@ class Publisher:
             if isinstance(exc, nats.js.errors.ServiceUnavailableError):
                 self._maybe_stored[mid] = record.last
                 raise AckTimeout(f"JetStream unavailable for changes {record.first}-{record.last}: {exc}") from None
-            raise Unsendable(
-                f"JetStream refused changes {record.first}-{record.last}: {exc.description or exc} "
-                f"(code {exc.code}, err_code {exc.err_code}); retried on a long backoff. If it can never be stored, "
-                f"fix the row, then `replicator resync {self.agent_id}`"
-            ) from None
+            raise self._refused(record.first, record.last, exc) from None
         except Exception as exc:  # timeout, connection lost: the record may have been stored
             self._maybe_stored[mid] = record.last
             raise AckTimeout(f"no PubAck for changes {record.first}-{record.last}: {exc!r}") from None
         self._probe = False
         fut.set_result(ack)
         return fut
+
+    def _refused(self, first: int, last: int, exc: nats.js.errors.APIError) -> Unsendable:
+        """JetStream answered changes `first`-`last` with an error: blocked until it stores them (or a resync)."""
+        return Unsendable(
+            f"JetStream refused changes {first}-{last}: {exc.description or exc} "
+            f"(code {exc.code}, err_code {exc.err_code}); retried on a long backoff. If it can never be stored, "
+            f"fix the row, then `replicator resync {self.agent_id}`"
+        )
 
     async def _await_head(self) -> None:
         head = self._in_flight[0]
@@ -582,11 +597,7 @@ class Publisher:
                 if isinstance(exc, nats.js.errors.APIError) and not isinstance(
                     exc, nats.js.errors.ServiceUnavailableError
                 ):
-                    raise Unsendable(
-                        f"JetStream refused changes {head.first}-{head.last}: {exc.description or exc} "
-                        f"(code {exc.code}, err_code {exc.err_code}); retried on a long backoff. If it can never be "
-                        f"stored, fix the row, then `replicator resync {self.agent_id}`"
-                    )
+                    raise self._refused(head.first, head.last, exc)
                 if exc is not None:
                     raise PublishFailed(f"publish of changes {head.first}-{head.last} failed: {exc!r}")
                 ack = head.future.result()

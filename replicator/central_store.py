@@ -741,11 +741,12 @@ class CentralStore:
         """The published base with the resync marks on it (under the lock)."""
         if not self._marks:
             return self._base
-        agents: dict[str, AgentView] = {}
-        for agent_id, view in self._base.agents.items():
-            mark = self._marks.get(agent_id)
-            reason, since = mark if mark is not None else (None, None)
-            agents[agent_id] = dataclasses.replace(view, resync_pending=reason, resync_requested_at=since)
+        # Only the marked agents change: the replicas' own views carry no resync mark.
+        agents = dict(self._base.agents)
+        for agent_id, (reason, since) in self._marks.items():
+            view = agents.get(agent_id)
+            if view is not None:
+                agents[agent_id] = dataclasses.replace(view, resync_pending=reason, resync_requested_at=since)
         return StoreView(MappingProxyType(agents))
 
     def path_for(self, agent_id: str) -> Path:

@@ -394,11 +394,7 @@ class Consumer:
                 return
             items = await asyncio.gather(*(self._read_back(agent, seq) for agent, seq in due))
             result = await loop.run_in_executor(self._executor, self._process_batch, list(items))
-            self._note_failures(result)
-            self._deliver(result.events)
-            if result.committed:
-                async with self._applied_changed:
-                    self._applied_changed.notify_all()
+            await self._settle(result)
             if result.failing or all(action is _Action.NAK for action, _agent in result.actions):
                 return  # nothing moved (or it cannot, for now): the next fetch cycle tries again
 
@@ -462,11 +458,7 @@ class Consumer:
         self.stats.messages += len(msgs)
         self.stats.last_apply_at = time.time()
         self.max_stream_seq = max([self.max_stream_seq, *(i.stream_seq or 0 for i in items)])
-        if result.committed:  # readers waiting for min_seq may go as soon as the data is committed
-            async with self._applied_changed:
-                self._applied_changed.notify_all()
-        retry_delay = self._note_failures(result)
-        self._deliver(result.events)
+        retry_delay = await self._settle(result)
         acks: list[Any] = []
         for msg, (action, agent) in zip(msgs, result.actions, strict=True):
             if action is _Action.ACK:
@@ -488,6 +480,16 @@ class Consumer:
                 log.debug("ack failed: %r", exc)
         if self.on_batch is not None:
             self.on_batch(len(msgs))
+
+    async def _settle(self, result: _BatchResult) -> float:
+        """After a batch on the apply thread: track failures, tell the resync coordinator, wake the readers
+        waiting for min_seq (they may go as soon as the data is committed). The delay before a retry."""
+        retry_delay = self._note_failures(result)
+        self._deliver(result.events)
+        if result.committed:
+            async with self._applied_changed:
+                self._applied_changed.notify_all()
+        return retry_delay
 
     def _note_failures(self, result: _BatchResult) -> float:
         """Track failures of the machine (disk full, no file descriptors): the delay before their retry.
@@ -616,11 +618,7 @@ class Consumer:
         item = _Item(letter.subject, data, letter.stream_seq if source == "stream" else None, msg_id)
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self._executor, self._retry, item, letter.id)
-        self._note_failures(result)
-        self._deliver(result.events)
-        if result.committed:
-            async with self._applied_changed:
-                self._applied_changed.notify_all()
+        await self._settle(result)
         return self._retry_answer(letter, result.steps[0], result, source)
 
     async def discard_dead_letter(self, dead_letter_id: int) -> dict[str, Any]:
@@ -704,7 +702,7 @@ class Consumer:
         return done
 
     def _publish(self, seen: Collection[str], touched: Iterable[str]) -> None:
-        """Publish what the event loop may read: the store view, open groups, parked messages."""
+        """Publish what the event loop may read: the store view, open groups, agents with records ahead."""
         self.store.publish_view(seen)
         groups = dict(self._open_groups)
         for agent in touched:

@@ -30,6 +30,12 @@ def _client(token: str | None, timeout: float = 5.0) -> httpx.Client:
     return httpx.Client(timeout=timeout, headers={"Authorization": f"Bearer {token}"} if token else {})
 
 
+def _unauthorised(command: str, url: str, needs: str, message: Any) -> int:
+    """Say that the HTPC refused for want of a token (401/403): exit code 2."""
+    print(f"replicator {command}: {url} needs {needs} (--token / REPLICATOR_TOKEN): {message}", file=sys.stderr)
+    return 2
+
+
 def _post(command: str, url: str, path: str, token: str | None, body: dict[str, Any] | None = None) -> Any:
     """POST to an operator route: the JSON answer, or an exit code after saying why on stderr."""
     try:
@@ -40,12 +46,7 @@ def _post(command: str, url: str, path: str, token: str | None, body: dict[str, 
         print(f"replicator {command}: cannot reach {url}: {exc}", file=sys.stderr)
         return 2
     if resp.status_code in (401, 403):
-        print(
-            f"replicator {command}: {url} needs an operator token (--token / REPLICATOR_TOKEN): "
-            f"{answer.get('message')}",
-            file=sys.stderr,
-        )
-        return 2
+        return _unauthorised(command, url, "an operator token", answer.get("message"))
     if resp.status_code >= 400:
         print(f"replicator {command}: {answer.get('message')} ({answer.get('error')})", file=sys.stderr)
         return 1
@@ -58,12 +59,7 @@ def status(url: str, token: str | None = None) -> int:
             health = client.get(f"{url}/health").json()
             resp = client.get(f"{url}/relay/agents")
             if resp.status_code in (401, 403):
-                print(
-                    f"replicator status: {url} needs a token (--token / REPLICATOR_TOKEN): "
-                    f"{resp.json().get('message')}",
-                    file=sys.stderr,
-                )
-                return 2
+                return _unauthorised("status", url, "a token", resp.json().get("message"))
             agents = resp.json()["agents"]
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         print(f"replicator status: cannot reach {url}: {exc}", file=sys.stderr)
@@ -153,12 +149,7 @@ def dead_letters(url: str, agent: str | None, limit: int, token: str | None = No
         with _client(token) as client:
             resp = client.get(f"{url}/relay/dead-letters", params=params)
             if resp.status_code in (401, 403):
-                print(
-                    f"replicator dead-letters: {url} needs an operator token (--token / REPLICATOR_TOKEN): "
-                    f"{resp.json().get('message')}",
-                    file=sys.stderr,
-                )
-                return 2
+                return _unauthorised("dead-letters", url, "an operator token", resp.json().get("message"))
             resp.raise_for_status()
             items = resp.json()["dead_letters"]
     except (httpx.HTTPError, ValueError, KeyError) as exc:
