@@ -28,7 +28,7 @@ from ._sqlite_thread import SQLiteThread
 from .agent_id import validate_agent_id
 from .credentials import read_seed
 from .errors import AgentStorageError, FlushTimeout, HTPCUnavailable, InvalidRow, NetworkQueryError, StorageClosed
-from .local_store import LocalStore, open_connection, translate_sqlite_error
+from .local_store import LocalStore, reader_connection, translate_sqlite_error
 from .migration import Migration, apply_migrations, check_migrations
 from .nats_link import NatsLink
 from .publisher import Publisher
@@ -41,6 +41,10 @@ from .visibility import Visibility, parse_visibility
 log = logging.getLogger("agent_client")
 
 T = TypeVar("T")
+
+#: A batch_write of at most this many rows commits on the caller's event loop (LocalStore's fast path); a larger
+#: one goes to the writer thread, so the loop is never held for long (~6 us a row with the capture trigger).
+FAST_BATCH_ROWS = 128
 
 
 class Transaction:
@@ -144,7 +148,9 @@ class AgentStorage:
         await self._store.run(migration.init_schema)
         await self._store.run(disk_space.convert_if_small)  # a database made before incremental auto-vacuum
         await self._store.write(catalog.resync_schema)
-        self._reader = await open_connection(self.db_path)
+        # query_local & co. read on a thread of their own (a query can be long: it must never hold the loop);
+        # the connection and its thread appear at the first read, and the thread ends again while idle.
+        self._reader = reader_connection(self.db_path)
         self._schema_watch = SchemaWatch(self._store, self._reader)
         await self._schema_watch.start()
         if self.replicate:
@@ -195,6 +201,13 @@ class AgentStorage:
         assert self._reader is not None
         return await self._reader.call(fn)
 
+    async def _read_small(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A bounded read (a point lookup): on the loop connection when possible (no thread hop), else `_read`."""
+        done, value = self._store.try_read(fn)
+        if done:
+            return value  # type: ignore[return-value]
+        return await self._read(fn)
+
     def _check_open(self) -> None:
         if self._closed:
             raise StorageClosed(f"storage of agent {self.agent_id} is closed")
@@ -207,8 +220,8 @@ class AgentStorage:
         self._check_open()
         ordered = check_migrations(migrations)
         applied = await self._store.run(lambda c: apply_migrations(c, ordered))
-        if applied and self._store.on_commit is not None:
-            self._store.on_commit()
+        if applied:  # run() leaves the group open: close it, so the migrations' changes can be published
+            await self._store.close_group()
         return applied
 
     async def set_visibility(self, table: str, visibility: str | Visibility) -> None:
@@ -238,7 +251,7 @@ class AgentStorage:
         if not isinstance(data, Mapping):
             raise InvalidRow(f"data for {table!r} must be a dict of column -> value")
         rows = self._rows
-        return await self._store.write(lambda c: rows.upsert_one(c, table, data), single_statement=True)
+        return await self._store.write(lambda c: rows.upsert_one(c, table, data), single_statement=True, small=True)
 
     async def batch_write(self, records: Iterable[Mapping[str, Any]]) -> list[RowId]:
         """Write `[{"table": ..., "data": {...}}, ...]` in one local transaction (all or nothing)."""
@@ -249,7 +262,8 @@ class AgentStorage:
                 raise InvalidRow(f"batch record {i} must be {{'table': str, 'data': dict}}")
             items.append((rec["table"], rec["data"]))
         rows = self._rows
-        return await self._store.write(lambda c: rows.upsert_many(c, items))  # type: ignore[no-any-return]
+        small = len(items) <= FAST_BATCH_ROWS
+        return await self._store.write(lambda c: rows.upsert_many(c, items), small=small)  # type: ignore[no-any-return]
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
@@ -306,7 +320,7 @@ class AgentStorage:
     async def last_committed_seq(self) -> int:
         """The sequence number of the newest committed local change."""
         self._check_open()
-        return await self._read(change_log.last_committed_seq)
+        return await self._read_small(change_log.last_committed_seq)
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Wait until every change committed so far is acknowledged by JetStream."""

@@ -7,9 +7,11 @@ keeps every SQLite storage class bit-exact (JSON inside SQL would round REALs
 and cannot hold BLOBs).
 
 Transaction grouping: each trigger stamps its rows with the current value of
-`_cr_clock.tx`. Only the publisher advances that clock (through the writer
-queue, `close_group`), so every local transaction's rows share one stamp, and
-a stamp below the current clock belongs to a closed group that will never
+`_cr_clock.tx`. The clock advances only at the end of a transaction
+(`CLOSE_GROUP_SQL`: the agent's own writer runs it as the last statement of
+each of its transactions; the publisher closes the group of rows another
+process wrote), so every local transaction's rows share one stamp, and a
+stamp below the current clock belongs to a closed group that will never
 grow. A closed group is published as one record (or as parts of one central
 transaction), which keeps both atomicity and deterministic `Nats-Msg-Id`s
 across restarts.
@@ -72,7 +74,8 @@ _NONCE_SCHEMA = (
     "(first INTEGER NOT NULL, last INTEGER NOT NULL, nonce TEXT NOT NULL, PRIMARY KEY (first, last)) WITHOUT ROWID"
 )
 
-#: Closes the open transaction group (run by the publisher through the writer queue).
+#: Closes the open transaction group (the last statement of every transaction of the agent's writer; the
+#: publisher runs it alone for rows written by another process).
 CLOSE_GROUP_SQL = "UPDATE _cr_clock SET tx = tx + 1 WHERE id = 1"
 
 #: A row of `_cr_log` as read back: (seq, tx, layout, op, at, v0, v1, ...).
@@ -272,6 +275,18 @@ def read_closed(
     width read in another snapshot could miss a layout committed in between
     and cut its rows short.
     """
+    return read_log(conn, cursor, limit, width)[0]
+
+
+def read_log(
+    conn: sqlite3.Connection, cursor: int, limit: int, width: Callable[[sqlite3.Connection], int]
+) -> tuple[list[LogRow], bool]:
+    """`read_closed`, and whether the open group has rows, both in one read snapshot.
+
+    The open group is looked at only when fewer than `limit` rows came back (all that is closed was read):
+    the publisher then knows, with no second read, whether rows of another process wait for their group to
+    be closed (its own commits close their group themselves).
+    """
     conn.execute("BEGIN")
     try:
         cols = "".join(f", v{i}" for i in range(max(width(conn), 1)))
@@ -281,9 +296,10 @@ def read_closed(
             f"WHERE seq > ? AND tx < {_CLOCK_SQL} ORDER BY seq LIMIT ?",
             (cursor, limit),
         )
+        has_open = len(rows) < limit and open_group_has_rows(conn)
     finally:
         conn.execute("COMMIT")
-    return rows
+    return rows, has_open
 
 
 def _fetch_all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[LogRow]:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -61,6 +62,7 @@ class NatsLink:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._on_connect: list[Any] = []
+        self._listeners: list[Callable[[], None]] = []
         #: bumped on every disconnect: a publish made before it may have been lost with the old socket
         self.generation = 0
 
@@ -83,6 +85,20 @@ class NatsLink:
     def on_first_connect(self, callback: Any) -> None:
         """Register `async callback(nc)` run once the connection is first made (subscriptions persist)."""
         self._on_connect.append(callback)
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` on the loop whenever the link connects, disconnects or reconnects.
+
+        The publisher sleeps until something happens (it does not poll): a (re)connection is one such thing.
+        """
+        self._listeners.append(callback)
+
+    def _changed(self) -> None:
+        for callback in self._listeners:
+            try:
+                callback()
+            except Exception as exc:  # a listener's bug must not break the link
+                log.warning("link listener failed: %r", exc)
 
     def start(self) -> None:
         if self._task is None:
@@ -141,6 +157,7 @@ class NatsLink:
                         except Exception as exc:
                             log.warning("on-connect hook failed: %r", exc)
                     self._connected.set()
+                    self._changed()
                     log.info("connected to NATS at %s", nc.connected_url.netloc if nc.connected_url else url)
                     return
             await asyncio.sleep(backoff.next())
@@ -152,10 +169,12 @@ class NatsLink:
     async def _on_disconnected(self) -> None:
         self.generation += 1
         log.debug("nats disconnected")
+        self._changed()
 
     async def _on_reconnected(self) -> None:
         self.last_error = None
         log.debug("nats reconnected")
+        self._changed()
 
     async def close(self) -> None:
         self._closing = True

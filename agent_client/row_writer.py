@@ -1,10 +1,14 @@
-"""Writing rows given as dicts: `write_data` and `batch_write` on the writer's thread.
+"""Writing rows given as dicts: `write_data` and `batch_write`, inside the caller's write transaction.
 
 Only the given columns are written (an upsert on the primary key); a missing
 single-column key is generated (SQLite assigns an INTEGER PRIMARY KEY, any
 other key gets a uuid4 hex string). Python values become SQLite values here:
 bools become 0/1, lists/dicts/tuples JSON text, and an integer outside 64 bits
 is refused.
+
+The per-row work is kept small: a table's description and, per set of columns written, the checked plan
+(statement, key handling) are cached until `PRAGMA schema_version` moves (read once per transaction: a
+schema change by any other connection, the sqlite3 shell included, is seen before the next write).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -46,16 +50,47 @@ def _to_sqlite(table: str, column: str, value: Any) -> Any:
     raise InvalidRow(f"{table}.{column}: unsupported value type {type(value).__name__}")
 
 
-class RowWriter:
-    """Upserts rows on one connection, caching table descriptions and statements until the schema changes.
+#: Types SQLite takes as they are (exact types: a bool or a str subclass goes through `_to_sqlite`).
+_AS_IS = frozenset({str, float, bytes, type(None)})
 
-    Every method runs on the connection's thread, inside the caller's transaction.
+
+def _values(table: str, cols: tuple[str, ...], data: Mapping[str, Any]) -> list[Any]:
+    """The row's values in `cols` order, converted (the common types without a call per value)."""
+    out = []
+    for c in cols:
+        v = data[c]
+        t = type(v)
+        if t in _AS_IS or (t is int and INT64_MIN <= v <= INT64_MAX):
+            out.append(v)
+        else:
+            out.append(_to_sqlite(table, c, v))
+    return out
+
+
+class _Plan(NamedTuple):
+    """How to write a row of one table given with one set of columns (checked once, then reused)."""
+
+    sql: str
+    uuid_key: bool  # a single non-integer key not given: a uuid4 hex is generated (appended last)
+    pk: tuple[str, ...]
+
+
+#: Plans kept at most (one per table and set of columns written); the cache starts again past it.
+_MAX_PLANS = 4096
+
+
+class RowWriter:
+    """Upserts rows, caching table descriptions and statements until the schema changes.
+
+    Every method runs inside the caller's write transaction (BEGIN IMMEDIATE held), on whichever connection
+    holds it (the loop's or the writer thread's): the write lock serialises them, so one RowWriter serves both.
     """
 
     def __init__(self) -> None:
         self._version = -1
         self._tables: dict[str, catalog.TableInfo] = {}
         self._statements: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._plans: dict[tuple[str, tuple[str, ...]], _Plan] = {}
 
     def upsert_one(self, conn: sqlite3.Connection, table: str, data: Mapping[str, Any]) -> RowId:
         """Upsert one row of `table`; returns its primary key."""
@@ -85,10 +120,17 @@ class RowWriter:
 
     # ------------------------------------------------------------------ internals
     def _refresh(self, conn: sqlite3.Connection) -> None:
-        version = int(conn.execute("PRAGMA schema_version").fetchone()[0])
+        """Forget every table description once the schema changed (any connection's DDL bumps the version).
+
+        Read inside the caller's write transaction, so no other connection can change the schema between this
+        check and the write. Every caller of a RowWriter holds the database's write lock (BEGIN IMMEDIATE) while
+        it runs, so its caches are never used by two threads at once.
+        """
+        version = conn.execute("PRAGMA schema_version").fetchone()[0]
         if version != self._version:
             self._tables.clear()
             self._statements.clear()
+            self._plans.clear()
             self._version = version
 
     def _info(self, conn: sqlite3.Connection, table: str) -> catalog.TableInfo:
@@ -107,32 +149,48 @@ class RowWriter:
             sql = self._statements[key] = upsert_sql(info.name, cols, info.pk)
         return sql
 
+    def _plan(self, conn: sqlite3.Connection, table: str, cols: tuple[str, ...]) -> _Plan:
+        """Check a set of columns against the table once: unknown columns, the key, what to generate."""
+        info = self._info(conn, table)
+        unknown = [c for c in cols if c not in info.columns]
+        if unknown:
+            raise InvalidRow(f"{table} has no column(s) {', '.join(map(repr, unknown))}")
+        pk = info.pk
+        uuid_key = False
+        if len(pk) == 1 and pk[0] not in cols:
+            uuid_key = not info.integer_pk
+        else:
+            missing = [c for c in pk if c not in cols]
+            if missing:
+                raise InvalidRow(f"{table}: primary key column(s) {', '.join(missing)} missing")
+        if not cols and not uuid_key:
+            raise InvalidRow(f"no values given for {table!r}")
+        plan = _Plan(self._upsert_sql(info, (*cols, pk[0]) if uuid_key else cols), uuid_key, pk)
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        self._plans[(table, cols)] = plan
+        return plan
+
     def _upsert(self, conn: sqlite3.Connection, table: str, data: Mapping[str, Any]) -> RowId:
         if not isinstance(data, Mapping):
             raise InvalidRow(f"data for {table!r} must be a dict of column -> value")
-        info = self._info(conn, table)
-        row = dict(data)
-        for k in row:
-            if k not in info.columns:
-                unknown = [c for c in row if c not in info.columns]
-                raise InvalidRow(f"{table} has no column(s) {', '.join(map(repr, unknown))}")
-        if len(info.pk) == 1 and info.pk[0] not in row:
-            if not info.integer_pk:
-                row[info.pk[0]] = uuid.uuid4().hex
-        else:
-            missing = [c for c in info.pk if c not in row]
-            if missing:
-                raise InvalidRow(f"{table}: primary key column(s) {', '.join(missing)} missing")
-        if not row:
-            raise InvalidRow(f"no values given for {table!r}")
-        cols = tuple(row)
-        values = [_to_sqlite(table, c, row[c]) for c in cols]
-        cur = conn.execute(self._upsert_sql(info, cols), values)
-        if len(info.pk) == 1:
-            return row.get(info.pk[0], cur.lastrowid)
-        if not info.pk:
+        cols = tuple(data)
+        plan = self._plans.get((table, cols))
+        if plan is None:
+            plan = self._plan(conn, table, cols)
+        values = _values(table, cols, data)
+        if plan.uuid_key:
+            key = uuid.uuid4().hex
+            values.append(key)
+            conn.execute(plan.sql, values)
+            return key
+        cur = conn.execute(plan.sql, values)
+        pk = plan.pk
+        if len(pk) == 1:
+            return data.get(pk[0], cur.lastrowid)
+        if not pk:
             return cur.lastrowid
-        return tuple(row[c] for c in info.pk)
+        return tuple(data[c] for c in pk)
 
     def _upsert_run(
         self, conn: sqlite3.Connection, table: str, keys: tuple[str, ...], rows: list[Mapping[str, Any]]
@@ -155,7 +213,7 @@ class RowWriter:
             missing = [c for c in info.pk if c not in keys]
             if missing:
                 raise InvalidRow(f"{table}: primary key column(s) {', '.join(missing)} missing")
-        values = [[_to_sqlite(table, c, row[c]) for c in keys] for row in rows]
+        values = [_values(table, keys, row) for row in rows]
         for row_values, key in zip(values, generated, strict=False):
             row_values.append(key)
         sql = self._upsert_sql(info, cols)

@@ -2,8 +2,9 @@
 
 DDL run through agent_client re-captures in its own transaction (schema_change.py). A schema change made by
 another connection (the sqlite3 shell, another program) is noticed here: SQLite bumps `PRAGMA
-schema_version` on every schema change, the watch reads it every `interval` seconds (a cheap read on the
-reader connection) and, when it moved, runs catalog.resync_schema through the writer queue: a renamed
+schema_version` on every schema change, the watch reads it every `interval` seconds (a few microseconds on a
+plain connection of its own, on the event loop: no thread hop, so an idle agent costs next to nothing) and,
+when it moved, runs catalog.resync_schema through the writer queue: a renamed
 `always` table is followed (X for the old name, S + snapshot for the new), a changed one re-captured, a
 dropped one forgotten. It also runs at every open.
 """
@@ -14,11 +15,13 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 
 from . import catalog
 from ._sqlite_thread import SQLiteThread
 from .errors import AgentStorageError
-from .local_store import LocalStore
+from .local_store import LocalStore, connect
+from .publisher import next_tick
 from .schema_change import schema_version
 
 log = logging.getLogger("agent_client.schema_watch")
@@ -41,9 +44,12 @@ class SchemaWatch:
         self.last_error: str | None = None
         self._seen: int | None = None
         self._task: asyncio.Task[None] | None = None
+        self._conn: sqlite3.Connection | None = None  # read on the event loop
 
     async def start(self) -> None:
-        self._seen = await self.reader.call(schema_version)
+        self._conn = connect(self.store.path)
+        self._conn.execute("PRAGMA busy_timeout = 0")  # never wait on the loop: busy -> the reader thread
+        self._seen = await self._version()
         self._task = asyncio.create_task(self._run(), name="schema-watch")
 
     async def close(self) -> None:
@@ -51,10 +57,21 @@ class SchemaWatch:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+
+    async def _version(self) -> int:
+        """The schema version, read on the event loop (on the reader thread if SQLite is busy right now)."""
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.OperationalError):
+                return schema_version(self._conn)
+        return await self.reader.call(schema_version)
 
     async def check(self) -> list[str]:
         """Follow a schema change made since the last check (if any); returns the tables touched."""
-        version = await self.reader.call(schema_version)
+        version = await self._version()
         if version == self._seen:
             return []
         try:
@@ -73,7 +90,8 @@ class SchemaWatch:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            # On a grid shared by every agent of the process (publisher.next_tick): one wake-up for all of them.
+            await asyncio.sleep(next_tick(time.monotonic(), self.interval) - time.monotonic())
             try:
                 await self.check()
             except asyncio.CancelledError:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import platform
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +24,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent_client import AgentStorage, Migration
 
 BIN = Path(sys.executable).parent
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    """SIGTERM (run_all stopping an overrunning benchmark) unwinds like an exception, so every `finally` and
+    context manager runs and the processes a benchmark started in their own sessions (nats-server,
+    replicator, workers) are stopped rather than orphaned."""
+    raise SystemExit(128 + signum)
+
+
+if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    signal.signal(signal.SIGTERM, _terminated)
+
 SCHEMA = [Migration(1, "CREATE TABLE events (id INTEGER PRIMARY KEY, kind TEXT, payload TEXT, score REAL)")]
 
 
@@ -67,14 +83,27 @@ def nats_server(store: Path, port: int | None = None) -> Iterator[tuple[str, sub
 
 
 class Replicator:
-    def __init__(self, data_dir: Path, nats_url: str) -> None:
+    def __init__(self, data_dir: Path, nats_url: str, extra: Sequence[str] = ()) -> None:
         self.data_dir = data_dir
         self.nats_url = nats_url
+        self.extra = list(extra)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Start `replicator serve` and wait until /health answers."""
+        self.start_nowait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("replicator did not start")
+
+    def start_nowait(self) -> None:
+        """Start `replicator serve` (its own process group) without waiting for it."""
         self.proc = subprocess.Popen(
             [
                 str(BIN / "replicator"),
@@ -85,18 +114,21 @@ class Replicator:
                 self.nats_url,
                 "--port",
                 str(self.port),
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError("replicator did not start")
+
+    def central_db(self, agent_id: str) -> Path:
+        """The agent's central copy (replicator/data_dir.py: `<data_dir>/agents/<agent_id>.db`)."""
+        return self.data_dir / "agents" / f"{agent_id}.db"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def peak_rss_mb(self) -> float:
         assert self.proc is not None
@@ -133,3 +165,125 @@ def machine() -> str:
 def report(name: str, value: float, unit: str, target: str = "") -> None:
     fmt = f"{value:,.3f}" if value < 100 else f"{value:,.0f}"
     print(f"  {name:<58} {fmt:>14} {unit:<8} {target}", flush=True)
+
+
+#: run_all.py names a file here; every `summary` line is appended to it as JSON as well as printed.
+SUMMARY_ENV = "BENCH_SUMMARY_FILE"
+
+
+def summary(
+    name: str,
+    figure: float,
+    unit: str,
+    *,
+    floor: float | None,
+    target: str,
+    met: bool,
+    valid: bool = True,
+) -> None:
+    """One figure of the summary table: the figure, the floor measured in the same run, their ratio, the target.
+
+    `valid` is False when the run's data check failed (counts or checksums differ): a fast but wrong run is
+    reported as wrong, never as met. Printed as a `SUMMARY` line and, under run_all, appended to its file.
+    """
+    ratio = figure / floor if floor else None
+    row = {
+        "name": name,
+        "figure": figure,
+        "unit": unit,
+        "floor": floor,
+        "ratio": ratio,
+        "target": target,
+        "met": bool(met and valid),
+        "valid": valid,
+    }
+    verdict = "WRONG DATA" if not valid else ("met" if met else "not met")
+    print(
+        f"SUMMARY\t{name}\t{fmt(figure)}\t{unit}\t{fmt(floor)}\t{fmt(ratio, 'x')}\t{target}\t{verdict}",
+        flush=True,
+    )
+    path = os.environ.get(SUMMARY_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def fmt(value: float | None, suffix: str = "") -> str:
+    """A figure for a table: 3 significant decimals when small, thousands separators when large, '-' for none."""
+    if value is None or value != value:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}{suffix}"
+    if abs(value) >= 1:
+        return f"{value:,.2f}{suffix}"
+    return f"{value:.3f}{suffix}"
+
+
+def table_digest(db: Path, table: str = "events", order: str = "id") -> tuple[int, str]:
+    """(row count, sha256 of every row in key order) of one table, read through a read-only connection.
+
+    The same digest on the agent's file and on its central copy says the copy is exact (values and storage
+    classes: `repr` tells 1 from 1.0 and '1')."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        h = hashlib.sha256()
+        n = 0
+        for row in conn.execute(f"SELECT * FROM {table} ORDER BY {order}"):
+            h.update(repr(row).encode())
+            n += 1
+        return n, h.hexdigest()
+    finally:
+        conn.close()
+
+
+def metric_total(text: str, name: str) -> float:
+    """The sum of every sample of metric `name` in a Prometheus text exposition (0 if absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far, in seconds (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def threads_and_fds(pid: int) -> tuple[int, int]:
+    """(threads, open file descriptors) of a process now."""
+    threads = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            threads = int(line.split()[1])
+    return threads, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def wait_watermark(url: str, agent_id: str, seq: int, timeout: float, poll: float = 0.01) -> float:
+    """Poll `GET /relay/agents/<id>` until the agent's central watermark reaches `seq`; the perf_counter then."""
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=10) as client:
+        while time.perf_counter() - start < timeout:
+            r = await client.get(f"{url}/relay/agents/{agent_id}")
+            if r.status_code == 200 and r.json()["watermark"] >= seq:
+                return time.perf_counter()
+            await asyncio.sleep(poll)
+    raise TimeoutError(f"{agent_id} not applied up to {seq} within {timeout:g} s")
+
+
+def drain_rate(samples: Sequence[tuple[float, float]], total: float, started: float) -> tuple[float, str]:
+    """Rate of a drain from progress samples (perf_counter, amount done so far) polled while it ran.
+
+    Timed from the first sample showing progress to the first showing it all, so process start-up is not
+    counted. When the first progress seen is already past half the total (a drain too short for the polling
+    to time), the rate is taken from `started` instead (the process start: start-up counted, an
+    underestimate) and the note says so."""
+    moving = [(t, a) for t, a in samples if a > 0]
+    if not moving:
+        return float("nan"), "nothing applied"
+    done = next(((t, a) for t, a in moving if a >= total), moving[-1])
+    t1, a1 = moving[0]
+    if a1 <= total / 2 and done[0] > t1:
+        return (done[1] - a1) / (done[0] - t1), f"timed over {done[0] - t1:.2f} s of progress samples"
+    return done[1] / (done[0] - started), "too short to time from samples: from process start (an underestimate)"

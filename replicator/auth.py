@@ -10,8 +10,14 @@ replicator's own key may use only the JetStream API subjects of
 `AGENT_CHANGES`, the agents' subjects, and its own inbox.
 
 HTTP: bearer tokens, 32 random bytes each, stored as SHA-256 digests (they are
-high-entropy, so a fast hash is enough) and compared with
-`hmac.compare_digest` against every stored digest.
+high-entropy, so a fast hash is enough). A request's token is hashed and its
+digest looked up in an index of the stored digests (one dict lookup, whatever
+the number of agents), then confirmed with `hmac.compare_digest`. The lookup's
+timing depends only on the digest of what the caller sent, never on a stored
+token it does not know: finding a stored digest from it would need a SHA-256
+preimage. The index holds nothing but what auth.json holds, and it is rebuilt
+after every change (`reload`, `save`, every method that changes `data`), so a
+revoked token stops working at the same moment as before.
 
 Everything lives in `<data_dir>/auth/`: `auth.json` (public keys, token
 digests, sharing rules; mode 0600), `replicator.nk` (the replicator's seed)
@@ -108,6 +114,7 @@ class AuthStore:
         self.nats_conf_path = root / "nats-authorization.conf"
         self.data: dict[str, Any] = {"replicator": None, "agents": {}, "operators": {}}
         self.mtime = 0.0
+        self._index: dict[str, tuple[str, Principal, dict[str, Any]]] | None = None  # see _build_index; None: stale
         self.reload()
 
     def reload(self) -> bool:
@@ -119,6 +126,7 @@ class AuthStore:
         if mtime == self.mtime:
             return False
         self.data = json.loads(self.path.read_text())
+        self._index = None
         self.mtime = mtime
         return True
 
@@ -127,6 +135,7 @@ class AuthStore:
         return bool(self.data.get("replicator"))
 
     def save(self) -> None:
+        self._index = None
         _write_secret(self.path, json.dumps(self.data, indent=2, sort_keys=True))
         _write_secret(self.nats_conf_path, self.nats_authorization_conf())
         self.mtime = self.path.stat().st_mtime
@@ -157,6 +166,7 @@ class AuthStore:
             self.init()
         seed, public = _new_user_seed()
         token = _new_token()
+        self._index = None
         self.data["agents"][agent_id] = {
             "nkey": public,
             "token_sha256": token_digest(token),
@@ -177,29 +187,48 @@ class AuthStore:
         if not name or not name.replace("-", "").replace("_", "").isalnum():
             raise AuthError(f"invalid operator name {name!r}")
         token = _new_token()
+        self._index = None
         self.data["operators"][name] = {"token_sha256": token_digest(token)}
         self.save()
         return token
 
     def revoke(self, name: str) -> bool:
+        self._index = None
         removed = self.data["agents"].pop(name, None) or self.data["operators"].pop(name, None)
         if removed:
             self.save()
         return removed is not None
 
     def authenticate(self, token: str | None) -> Principal | None:
-        """The principal holding `token`, or None. Compares against every digest (no early exit)."""
+        """The principal holding `token`, or None: one hash and one lookup (see the module docstring).
+
+        A hit is confirmed against `data` itself (the entry is still the one stored, with this digest), so a
+        token removed from `data` by any means fails at once even if the index were not rebuilt yet.
+        """
         if not token:
             return None
         digest = token_digest(token)
-        found: Principal | None = None
-        for name, entry in self.data["agents"].items():
-            if hmac.compare_digest(digest, entry["token_sha256"]):
-                found = Principal("agent", name)
-        for name, entry in self.data["operators"].items():
-            if hmac.compare_digest(digest, entry["token_sha256"]):
-                found = Principal("operator", name)
-        return found
+        index = self._index if self._index is not None else self._build_index()
+        hit = index.get(digest)
+        if hit is None:
+            return None
+        kind, who, entry = hit
+        stored = entry.get("token_sha256")
+        if self.data[kind].get(who.name) is not entry or not isinstance(stored, str):
+            return None
+        return who if hmac.compare_digest(digest, stored) else None
+
+    def _build_index(self) -> dict[str, tuple[str, Principal, dict[str, Any]]]:
+        """Every stored digest -> (where, principal, its entry); an operator wins over an agent with the same
+        digest, as the full scan did (operators last)."""
+        index: dict[str, tuple[str, Principal, dict[str, Any]]] = {}
+        for kind in ("agents", "operators"):
+            for name, entry in self.data[kind].items():
+                digest = entry.get("token_sha256")
+                if isinstance(digest, str):
+                    index[digest] = (kind, Principal(kind.removesuffix("s"), name), entry)
+        self._index = index
+        return index
 
     def may_read_on_demand(self, reader: str, owner: str) -> bool:
         entry = self.data["agents"].get(owner) or {}

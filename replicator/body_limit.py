@@ -22,11 +22,12 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        error = PayloadTooLarge(f"request body over {self.limit} bytes")
-        too_large = JSONResponse(error.body(), status_code=error.status)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        declared = None
+        for name, value in scope.get("headers") or ():
+            if name == b"content-length":
+                declared = value  # the last one, as dict() of the headers would keep
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await too_large(scope, receive, send)
+            await self._too_large(scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -37,7 +38,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                await too_large(scope, receive, send)
+                await self._too_large(scope, receive, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -53,3 +54,8 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The 413 (built only when needed: every request passes here)."""
+        error = PayloadTooLarge(f"request body over {self.limit} bytes")
+        await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)

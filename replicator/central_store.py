@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -85,6 +86,8 @@ _PAGE_MARGIN_BYTES = 16 * 1024 * 1024
 _DAMAGED_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 _SQLITE_HEADER = b"SQLite format 3\x00"
+#: Value types bound as they are (decode_values would return such a row unchanged but for an oversized integer).
+_PLAIN_TYPES = frozenset({int, float, str, type(None)})
 
 
 def is_damaged(exc: BaseException) -> bool:
@@ -161,6 +164,16 @@ def _header_damage(path: Path) -> str | None:
     return f"not a SQLite database (it starts with {head[:16]!r})"
 
 
+def _shallow_copy(state: ReplicaState) -> ReplicaState:
+    """What `ReplicaState.restore` needs to undo one record: its fields as they are (the tables mapping copied;
+    TableMeta is frozen). `ReplicaState.copy` does the same through dataclasses.replace, at several times the
+    cost, once per applied record."""
+    saved = object.__new__(ReplicaState)
+    saved.__dict__.update(state.__dict__)
+    saved.tables = dict(state.tables)
+    return saved
+
+
 def _optional_int(value: Any) -> int | None:
     return int(value) if value is not None else None
 
@@ -196,6 +209,7 @@ class AgentReplica:
         self.conn = conn
         self.file_id = (st.st_dev, st.st_ino)  # to notice the file deleted or replaced under us
         self._stmt_cache: dict[tuple[str, str, tuple[str, ...], tuple[int, ...]], str] = {}
+        self._room: int | None = None  # bytes the open transaction may still add under the quota (estimate)
 
     # -------------------------------------------------------------- state
     @property
@@ -251,9 +265,17 @@ class AgentReplica:
         if isinstance(record, ChangeRecord) and all(op in ("D", "X") for _seq, op, _l, _v in record.changes):
             return
         # The file's size bounds what is in use: the free-page count is read only when that bound is close.
-        pages = int(self.conn.execute("PRAGMA page_count").fetchone()[0])
-        if pages * self.page_size + 2 * record_bytes <= self.max_bytes:
+        # Within one transaction, the room read at its first record is spent record by record (each may add up
+        # to twice its size): the file is asked again only when that estimate runs out.
+        need = 2 * record_bytes
+        if self._room is not None and self._room >= need:
+            self._room -= need
             return
+        pages = int(self.conn.execute("PRAGMA page_count").fetchone()[0])
+        if pages * self.page_size + need <= self.max_bytes:
+            self._room = self.max_bytes - pages * self.page_size - need
+            return
+        self._room = None
         used = self.used_bytes()
         if used + 2 * record_bytes > self.max_bytes:
             raise RecordRejected(
@@ -279,6 +301,7 @@ class AgentReplica:
 
     def begin(self) -> None:
         if not self.in_txn:
+            self._room = None
             self.conn.execute("BEGIN IMMEDIATE")
             self.state.begin()
 
@@ -303,12 +326,17 @@ class AgentReplica:
             "agent_blocked": state.agent_blocked,
             "agent_reported_at": state.agent_reported_at,
         }
+        done = state.committed()
         clear: tuple[str, ...] = ()
-        if state.blocked != state.committed().blocked:
+        if state.blocked != done.blocked:
             if state.blocked is None:
                 clear = ("blocked",)
             else:
                 values["blocked"] = state.blocked
+        # Only what changed since the last commit (the committed state mirrors the file; a key never written
+        # reads as its default): a one-record commit writes 4-5 keys, not 14.
+        if done is not state:
+            values = {k: v for k, v in values.items() if k == "blocked" or getattr(done, k) != v}
         schema.save_state(self.conn, values, clear=clear)
         self.conn.execute("COMMIT")
         state.commit()
@@ -357,10 +385,12 @@ class AgentReplica:
     def record_savepoint(self) -> Iterator[None]:
         """Apply one record: if the block raises, its SQL and every in-memory change are undone."""
         self.conn.execute("SAVEPOINT rec")
+        state = self.state
+        saved = _shallow_copy(state)
         try:
-            with self.state.savepoint():
-                yield
+            yield
         except BaseException:
+            state.restore(saved)
             self._stmt_cache.clear()
             if self.conn.in_transaction:  # else SQLite rolled everything back already: see txn_lost
                 self.conn.execute("ROLLBACK TO rec")
@@ -386,49 +416,39 @@ class AgentReplica:
             self._reset_epoch(rec.epoch)
         skip = state.watermark
         layouts = rec.layouts
-        pending: list[list[SQLiteValue]] = []
-        pending_sql: str | None = None
-
-        def flush() -> None:
-            nonlocal pending, pending_sql
-            if pending:
-                assert pending_sql is not None
-                try:
-                    self.conn.executemany(pending_sql, pending)
-                except sqlite3.Error as exc:
-                    raise _rejected(exc, "cannot apply rows") from exc
-                pending, pending_sql = [], None
-
+        changes = rec.changes
+        n = len(changes)
+        # Changes run first_seq..last_seq one by one (decode_record checks it): skip those applied already.
+        i = max(0, skip - rec.first_seq + 1)
         applied = 0
-        for seq, op, layout_id, values in rec.changes:
-            if seq <= skip:
-                continue
+        while i < n:
+            _seq, op, layout_id, values = changes[i]
             if op == "R":  # the start of a resync: apply_resync did its work before
                 applied += 1
+                i += 1
                 continue
             layout = layouts[str(layout_id)]
             if op == "U":
-                row = _decoded(values)
-                casts = _text_casts(row) if row is not values else ()
-                sql = self._replace_sql(layout, casts)
-                if sql is not pending_sql and sql != pending_sql:
-                    flush()
-                    pending_sql = sql
-                pending.append(_bound(row, casts))
-            else:
-                flush()
-                if op == "D":
-                    self._delete(layout, _decoded(values))
-                elif op == "S":
-                    self._create_from_layout(layout)
-                elif op == "X":
-                    meta = state.tables.get(layout.table)
-                    if meta is not None and meta.source == "agent":
-                        self._forget_table(layout.table)
-                elif op == "V":
-                    self._announce(layout)
+                # A run of upserts into the same table: one executemany.
+                j = i + 1
+                while j < n and changes[j][1] == "U" and changes[j][2] == layout_id:
+                    j += 1
+                self._upsert_run(layout, [c[3] for c in changes[i:j]] if j > i + 1 else [values])
+                applied += j - i
+                i = j
+                continue
+            if op == "D":
+                self._delete(layout, _decoded(values))
+            elif op == "S":
+                self._create_from_layout(layout)
+            elif op == "X":
+                meta = state.tables.get(layout.table)
+                if meta is not None and meta.source == "agent":
+                    self._forget_table(layout.table)
+            elif op == "V":
+                self._announce(layout)
             applied += 1
-        flush()
+            i += 1
         state.watermark = rec.last_seq
         state.head_seq = max(state.head_seq, rec.last_seq)
         state.committed_at = rec.committed_at
@@ -439,6 +459,43 @@ class AgentReplica:
             state.group_started = time.monotonic()
         if not state.open_group:
             state.group_started = 0.0
+
+    def _upsert_run(self, layout: TableLayout, rows: list[list[Any]]) -> None:
+        """Write whole rows into the layout's table (INSERT OR REPLACE), in as few executemany calls as can be.
+
+        Rows of plain values (integers, finite REALs, text, NULL: nearly all) go to SQLite as they arrived,
+        judged by one pass over their value types; a row with a tagged value (BLOB, non-finite REAL, TEXT that
+        is not UTF-8), a boolean, or an integer SQLite cannot hold is decoded value by value (`decode_values`
+        refuses the last two, and the record is rejected).
+        """
+        if set(map(type, chain.from_iterable(rows))) <= _PLAIN_TYPES:
+            sql = self._replace_sql(layout)
+            try:
+                self.conn.executemany(sql, rows)
+                return
+            except OverflowError:  # an integer beyond 64 bits: refused below, by the value check (idempotent rows)
+                pass
+            except sqlite3.Error as exc:
+                raise _rejected(exc, "cannot apply rows") from exc
+        pending: list[list[SQLiteValue]] = []
+        pending_sql: str | None = None
+        for values in rows:
+            row = _decoded(values)
+            casts = _text_casts(row) if row is not values else ()
+            sql = self._replace_sql(layout, casts)
+            if sql != pending_sql:
+                self._write_rows(pending_sql, pending)
+                pending, pending_sql = [], sql
+            pending.append(_bound(row, casts))
+        self._write_rows(pending_sql, pending)
+
+    def _write_rows(self, sql: str | None, rows: list[list[SQLiteValue]]) -> None:
+        if sql is None or not rows:
+            return
+        try:
+            self.conn.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise _rejected(exc, "cannot apply rows") from exc
 
     def apply_resync(self, rec: ChangeRecord) -> None:
         """Replace the agent's copy with the fresh one `rec` starts (inside the open transaction)."""

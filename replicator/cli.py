@@ -315,9 +315,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"replicator: {exc}") from None
         try:
             if args.command == "serve":
-                from .serve import serve
+                from .serve import run_serve
 
-                asyncio.run(serve(settings))
+                run_serve(settings)
                 return 0
             if args.command == "restore":
                 from .backup import restore

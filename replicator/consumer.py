@@ -1,9 +1,12 @@
 """The durable pull consumer that turns the change stream into central copies.
 
-Per agent, records are applied in sequence order: what becomes of each record
+Messages stream in through pull requests kept outstanding (`_PullPipe`): they
+arrive while the previous batch is applied, and a batch is whatever arrived
+(up to `batch` messages or BATCH_BYTES). Per agent, records are applied in
+sequence order: what becomes of each record
 is the sequencer's verdict (replicator/sequencer.py), and this module carries
-it out. A batch of fetched messages is applied on one thread (SQLite work never
-blocks the event loop), each record in a savepoint inside its agent's
+it out. A batch of delivered messages is applied on one thread, in one hop
+(SQLite work never blocks the event loop), each record in a savepoint inside its agent's
 transaction; each agent's transaction commits once per batch, and only then
 are its messages acked. Duplicates are acked, gaps are nak'ed with a delay (the
 publisher's retransmission or JetStream's redelivery fills them), and anything
@@ -14,8 +17,9 @@ The apply thread owns the central store's replicas. After each batch (and
 after rolling back an expired multi-part transaction) it publishes what the
 event loop may read: the store's view, the open groups and the parked messages.
 
-A watchdog bounds every `fetch`: nats-py has been seen to stall in fetch
-(nats-py issue #986), and a stalled consumer looks exactly like an idle one.
+A watchdog bounds the wait for messages: when nothing at all comes back on the
+pull inbox (not even a request's expiry) for far too long, the subscription is
+made again; a stalled consumer would otherwise look exactly like an idle one.
 
 What will not heal by itself is handed to the resync coordinator (resync.py,
 the `ResyncListener`): a change record dead-lettered in an agent's sequence, a
@@ -38,12 +42,12 @@ import enum
 import logging
 import sqlite3
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -73,6 +77,7 @@ from .resync import stuck_reason
 from .sequencer import RecordHeader, Verdict, sequence
 
 log = logging.getLogger("replicator.consumer")
+_T = TypeVar("_T")
 
 #: How often (seconds) the apply thread looks for agents stuck behind a change that will not come.
 STUCK_CHECK_INTERVAL_S = 1.0
@@ -217,6 +222,152 @@ class ConsumerStats:
     last_apply_at: float | None = None
 
 
+#: Seconds a pull request waits on the server for messages before it expires (and is renewed).
+PULL_EXPIRES_S = 5.0
+#: Bytes of messages requested ahead (delivered and waiting, or due): bounds the memory a backlog of large
+#: records takes while it streams in (at least one message is always requested).
+PULL_AHEAD_BYTES = 8 * 1024 * 1024
+#: Bytes of messages handed over as one batch (at least one message).
+BATCH_BYTES = 4 * 1024 * 1024
+#: A batch of at most this many bytes is applied on the event loop (tens of milliseconds of work at most); a
+#: bigger one (a backlog of large records: fewer, bigger commits; a resync) on the apply thread.
+ON_LOOP_BYTES = 512 * 1024
+
+
+class _FetchStalled(Exception):
+    """Nothing at all came back on the pull inbox (not even an expiry notice) for far too long."""
+
+
+class _PullPipe:
+    """Pull requests kept outstanding on the durable consumer, so that messages stream in as they are stored.
+
+    A `fetch` sends one request and waits for its whole answer before the next: every batch paid a round trip,
+    and nats-py's fetch awaits each message with a timer of its own. Here up to `window` messages are requested
+    ahead (in requests of half a window, renewed as they are answered or expire), and a callback collects them
+    while the previous batch is applied; `next_batch` hands over what has arrived. The consumer stays the same
+    durable pull consumer (its position and configuration are untouched, nothing to migrate), and JetStream's
+    max_ack_pending still bounds what is delivered and not yet acked.
+
+    Requests are counted the way the server answers them: first come, first served. A delivered message uses
+    up one of the oldest request's; a 408 (request expired) ends the oldest request; any 409 (consumer deleted,
+    leadership change, too many waiting) ends them all. A request not answered within its expiry (plus a
+    margin) is forgotten here as well, so a lost notice never stops the flow.
+
+    Memory stays bounded by bytes as well: what is requested ahead shrinks with the average message size
+    (about PULL_AHEAD_BYTES in all), and a batch ends at BATCH_BYTES.
+    """
+
+    def __init__(self, js: JetStreamContext, durable: str, *, window: int, watchdog: float) -> None:
+        self._nc: Any = js._nc
+        self._next_subject = f"{js._prefix}.CONSUMER.MSG.NEXT.{STREAM_NAME}.{durable}"
+        self._window = max(2, window)
+        self._request_size = max(1, self._window // 2)
+        self._watchdog = watchdog
+        self._requests: deque[list[float]] = deque()  # [expires at (monotonic), messages still due]
+        self._due = 0  # messages requested and not yet delivered or expired
+        self._ready: deque[Msg] = deque()
+        self._wake = asyncio.Event()
+        self._sub: Any = None
+        self._inbox = ""
+        self._heard = time.monotonic()  # the last time anything came back on the inbox
+        self._broken: str | None = None
+        self._avg_bytes = 512.0  # running average of a message's size (payload and headers)
+
+    async def start(self) -> None:
+        inbox = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(
+            inbox, cb=self._on_msg, pending_msgs_limit=4 * self._window + 1024, pending_bytes_limit=512 * 1024 * 1024
+        )
+        self._inbox = inbox
+        self._heard = time.monotonic()
+
+    async def close(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._heard = time.monotonic()
+        if msg.reply:  # a message of the stream (its reply subject is where it is acked)
+            self._avg_bytes += (len(msg.data) + 256 - self._avg_bytes) / 64
+            self._ready.append(msg)
+            self._used(1)
+            self._wake.set()
+            return
+        status = (msg.headers or {}).get("Status", "")
+        if status == "408":  # the oldest request expired
+            if self._requests:
+                self._due -= int(self._requests.popleft()[1])
+        elif status.startswith("409") or status in ("404", "503"):
+            self._requests.clear()  # ended (or never started): request afresh
+            self._due = 0
+            if status == "503" or "Consumer Deleted" in (msg.headers or {}).get("Description", ""):
+                self._broken = f"pull request answered {status} {(msg.headers or {}).get('Description', '')}"
+                self._wake.set()
+                return
+        else:
+            return  # 100 (heartbeat) and anything else: nothing to count
+        # Renew at once: waiting for the next batch to do it would leave nothing requested meanwhile.
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await self._top_up()
+
+    def _used(self, n: int) -> None:
+        self._due = max(0, self._due - n)
+        while n and self._requests:
+            head = self._requests[0]
+            take = min(n, int(head[1]))
+            head[1] -= take
+            n -= take
+            if head[1] <= 0:
+                self._requests.popleft()
+
+    async def _top_up(self) -> None:
+        now = time.monotonic()
+        while self._requests and self._requests[0][0] + 1.0 < now:  # expired, its notice lost: forget it
+            self._due -= int(self._requests.popleft()[1])
+        self._due = max(0, self._due)
+        window = max(1, min(self._window, int(PULL_AHEAD_BYTES / self._avg_bytes)))
+        size = max(1, min(self._request_size, window // 2))
+        while self._due + len(self._ready) < window:
+            await self._nc.publish(
+                self._next_subject,
+                b'{"batch":%d,"expires":%d}' % (size, int(PULL_EXPIRES_S * 1e9)),
+                reply=self._inbox,
+            )
+            self._requests.append([now + PULL_EXPIRES_S, float(size)])
+            self._due += size
+
+    async def next_batch(self, limit: int, timeout: float) -> list[Msg]:
+        """Up to `limit` delivered messages, waiting at most `timeout` for the first one ([] if none came)."""
+        if self._sub is None:
+            await self.start()
+        if self._broken is not None:
+            reason, self._broken = self._broken, None
+            raise nats.errors.Error(reason)
+        try:
+            await self._top_up()
+        except (nats.errors.Error, OSError):
+            if not self._ready:
+                raise
+        if not self._ready:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            if not self._ready:
+                if self._due and time.monotonic() - self._heard > PULL_EXPIRES_S + self._watchdog:
+                    raise _FetchStalled()
+                return []
+        ready = self._ready
+        batch = [ready.popleft()]
+        size = len(batch[0].data)
+        while ready and len(batch) < limit and size < BATCH_BYTES:
+            msg = ready.popleft()
+            size += len(msg.data)
+            batch.append(msg)
+        return batch
+
+
 class Consumer:
     def __init__(
         self,
@@ -225,7 +376,7 @@ class Consumer:
         dead_letters: DeadLetterStore,
         *,
         durable: str = "replicator",
-        batch: int = 256,
+        batch: int = 1024,
         fetch_timeout: float = 0.5,
         fetch_watchdog: float = 10.0,
         nak_delay: float = 0.2,
@@ -263,9 +414,11 @@ class Consumer:
         self._held: dict[str, list[Msg]] = defaultdict(list)
         self._held_touched = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
+        # Held while the replicas are worked on, on the apply thread or on the loop: one at a time.
+        self._apply_lock = asyncio.Lock()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._sub: Any = None
+        self._sub: _PullPipe | None = None
         # Owned by the apply thread; the event loop reads only the immutable snapshots published after each batch.
         # Agents with records ahead of their turn (snapshot).
         self._with_ahead = frozenset(a for a, rep in store.replicas.items() if rep.state.ahead)
@@ -316,13 +469,11 @@ class Consumer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._task, 15)
         await self._abandon_open_groups()
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        await self._drop_sub()
         self._executor.shutdown(wait=True)
 
     # ------------------------------------------------------------ loop
-    async def _subscribe(self) -> Any:
+    async def _subscribe(self) -> _PullPipe:
         # Create the durable, or keep the existing one (rebuild may have set where it starts). One made before
         # relay writes had their own subject filters on change records only: widen it to every subject.
         try:
@@ -334,7 +485,9 @@ class Consumer:
                 widened = dataclasses.replace(info.config, filter_subject=None, filter_subjects=None)
                 await self.js.add_consumer(STREAM_NAME, config=widened)
                 log.warning("consumer %s: now reads every subject of %s", self.durable, STREAM_NAME)
-        return await self.js.pull_subscribe_bind(durable=self.durable, stream=STREAM_NAME)
+        pipe = _PullPipe(self.js, self.durable, window=2 * self.batch, watchdog=self.fetch_watchdog)
+        await pipe.start()
+        return pipe
 
     async def run(self, *, until_idle: bool = False) -> None:
         """Consume until stopped (or, with until_idle, until nothing is pending or unacked)."""
@@ -351,7 +504,7 @@ class Consumer:
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     delay = backoff.next()
                     log.warning("consumer: %s; retrying in %.1fs", self.last_error, delay)
-                    self._sub = None
+                    await self._drop_sub()
                     await asyncio.sleep(delay)
                     continue
                 try:
@@ -380,7 +533,7 @@ class Consumer:
             self.running = False
 
     async def _idle(self) -> bool:
-        info = await self._sub.consumer_info()
+        info = await self.js.consumer_info(STREAM_NAME, self.durable)
         return bool(info.num_pending == 0 and info.num_ack_pending == 0 and not self._held)
 
     async def _apply_due_ahead(self) -> None:
@@ -388,12 +541,11 @@ class Consumer:
         for _round in range(1_000):  # bounded: each round applies at least one record or stops
             if not self._with_ahead:
                 return
-            loop = asyncio.get_running_loop()
-            due: list[tuple[str, int]] = await loop.run_in_executor(self._executor, self._due_ahead)
+            due: list[tuple[str, int]] = await self._on_apply_thread(self._due_ahead)
             if not due:
                 return
             items = await asyncio.gather(*(self._read_back(agent, seq) for agent, seq in due))
-            result = await loop.run_in_executor(self._executor, self._process_batch, list(items))
+            result = await self._apply_batch(list(items))
             await self._settle(result)
             if result.failing or all(action is _Action.NAK for action, _agent in result.actions):
                 return  # nothing moved (or it cannot, for now): the next fetch cycle tries again
@@ -415,30 +567,38 @@ class Consumer:
                 break
         return due
 
+    async def _on_apply_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run `fn` on the apply thread, never alongside other work on the replicas."""
+        async with self._apply_lock:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _apply_batch(self, items: list[_Item]) -> _BatchResult:
+        """Apply a batch: on the event loop when it is small (a thread hop and the GIL passed back and forth
+        cost more than the work), on the apply thread when it could hold the loop up for long."""
+        if sum(len(i.data) for i in items) <= ON_LOOP_BYTES:
+            async with self._apply_lock:
+                return self._process_batch(items)
+        return await self._on_apply_thread(self._process_batch, items)
+
     async def _fetch(self) -> list[Msg]:
-        started = time.monotonic()
+        assert self._sub is not None
         try:
-            msgs: list[Msg] = await asyncio.wait_for(
-                self._sub.fetch(self.batch, timeout=self.fetch_timeout), self.fetch_timeout + self.fetch_watchdog
-            )
-        except TimeoutError:  # nats.errors.TimeoutError is one too; nats-py also raises the plain one when idle
-            if time.monotonic() - started < self.fetch_timeout + self.fetch_watchdog * 0.9:
-                msgs = []  # fetch's own deadline: nothing to deliver
-                self.idle = True
-            else:
-                # The watchdog fired: fetch itself hung. Drop the subscription and bind again.
-                self.stats.fetch_stalls += 1
-                log.warning(
-                    "consumer: fetch stalled for %.0fs; resubscribing", self.fetch_timeout + self.fetch_watchdog
-                )
-                with contextlib.suppress(Exception):
-                    await self._sub.unsubscribe()
-                self._sub = None
-                msgs = []
+            msgs = await self._sub.next_batch(self.batch, self.fetch_timeout)
+        except _FetchStalled:
+            # Nothing came back at all, not even a request's expiry: drop the subscription and bind again.
+            self.stats.fetch_stalls += 1
+            log.warning("consumer: no answer to pull requests for %.0fs; resubscribing", self.fetch_watchdog)
+            await self._drop_sub()
+            self.stats.last_fetch_at = time.time()
+            return []
         self.stats.last_fetch_at = time.time()
-        if msgs:
-            self.idle = False
+        self.idle = not msgs  # nothing came within fetch_timeout: everything the stream holds was delivered
         return msgs
+
+    async def _drop_sub(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            await sub.close()
 
     async def _handle(self, msgs: list[Msg]) -> None:
         items = [
@@ -450,9 +610,8 @@ class Consumer:
             )
             for m in msgs
         ]
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        result = await loop.run_in_executor(self._executor, self._process_batch, items)
+        result = await self._apply_batch(items)
         self.stats.apply_seconds += time.perf_counter() - started
         self.stats.batches += 1
         self.stats.messages += len(msgs)
@@ -529,7 +688,7 @@ class Consumer:
             return
         self._relay_pruned = now
         try:
-            info = await self._sub.consumer_info()
+            info = await self.js.consumer_info(STREAM_NAME, self.durable)
         except Exception:  # only housekeeping: next time
             return
         if info.ack_floor is not None and info.ack_floor.stream_seq:
@@ -538,14 +697,14 @@ class Consumer:
             # record whose dedup entry its copy no longer holds.
             previous, self._relay_floor = self._relay_floor, info.ack_floor.stream_seq
             if previous:
-                await asyncio.get_running_loop().run_in_executor(self._executor, self.store.forget_relay_seen, previous)
+                await self._on_apply_thread(self.store.forget_relay_seen, previous)
 
     async def _expire_open_groups(self) -> None:
         now = time.monotonic()
         stale = [a for a, started in self._open_groups.items() if now - started > self.group_timeout]
         if not stale:
             return
-        rolled_back = await asyncio.get_running_loop().run_in_executor(self._executor, self._rollback, stale)
+        rolled_back = await self._on_apply_thread(self._rollback, stale)
         for agent in rolled_back:
             log.warning("agent %s: multi-part transaction incomplete after %.0fs; retrying", agent, self.group_timeout)
             for m in self._held.pop(agent, []):
@@ -553,7 +712,7 @@ class Consumer:
                     await m.nak(delay=self.nak_delay)
 
     async def _abandon_open_groups(self) -> None:
-        rolled_back = await asyncio.get_running_loop().run_in_executor(self._executor, self._rollback, None)
+        rolled_back = await self._on_apply_thread(self._rollback, None)
         for agent in rolled_back:
             for m in self._held.pop(agent, []):
                 with contextlib.suppress(Exception):
@@ -582,16 +741,14 @@ class Consumer:
         if self.apply_failing_since is not None:
             return  # the machine fails (disk full, ...): nothing moves, and a resync would not help
         self._stuck_checked = now
-        loop = asyncio.get_running_loop()
-        events = await loop.run_in_executor(self._executor, self._stuck_scan, now, self.idle)
+        events = await self._on_apply_thread(self._stuck_scan, now, self.idle)
         self._deliver(events)
 
     async def reopen_lost(self, agent_id: str) -> None:
         """The agent's central file was deleted or replaced under us: drop what we hold of it and open it again
         (a new, empty copy when it is gone). Its open transaction, if any, is rolled back and its held messages
         come again."""
-        loop = asyncio.get_running_loop()
-        rolled_back = await loop.run_in_executor(self._executor, self._reopen, agent_id)
+        rolled_back = await self._on_apply_thread(self._reopen, agent_id)
         if rolled_back:
             for m in self._held.pop(agent_id, []):
                 with contextlib.suppress(Exception):
@@ -599,7 +756,7 @@ class Consumer:
 
     async def mark_blocked(self, agent_id: str, reason: str) -> None:
         """Store that the agent is blocked and why (shown everywhere until a record or a resync moves it on)."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._mark_blocked, agent_id, reason)
+        await self._on_apply_thread(self._mark_blocked, agent_id, reason)
 
     # ------------------------------------------------------------ dead letters (operator)
     async def retry_dead_letter(self, dead_letter_id: int) -> dict[str, Any]:
@@ -616,8 +773,7 @@ class Consumer:
         # Read back from the stream, it keeps its stream sequence (relay writes are deduplicated by it, a record
         # not yet due is remembered by it); from the stored payload it has none.
         item = _Item(letter.subject, data, letter.stream_seq if source == "stream" else None, msg_id)
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._executor, self._retry, item, letter.id)
+        result = await self._on_apply_thread(self._retry, item, letter.id)
         await self._settle(result)
         return self._retry_answer(letter, result.steps[0], result, source)
 

@@ -9,18 +9,31 @@ an `on_demand` table is forwarded to the live agent over NATS request/reply.
 What one principal's queries may take is bounded: at most `max_concurrent` at
 once (more are answered 429 `too_many_queries`), each within its time bound
 (agent_client's run_read_only bounds every step), each answer at most
-`max_result_bytes` once encoded (encoded in the query's own thread, never on
-the event loop). Queries run on their own threads, so slow ones never hold
-the threads the rest of the service uses, and idle connections are pooled up
-to `pool_size` in total (least recently used closed first: each holds its
-database files open). Another agent's schema (sqlite_master) and every
-internal `_cr_*` table stay unreadable.
+`max_result_bytes` once encoded. Queries run on their own threads, so slow
+ones never hold the threads the rest of the service uses, and idle
+connections are pooled up to `pool_size` in total (least recently used closed
+first: each holds its database files open).
+
+Small queries skip the thread hop (which costs more than a primary-key
+lookup): a query first runs on the event loop, on an idle pooled connection,
+within tight bounds (`_Inline`: a few hundred µs, its progress handler every
+few dozen SQLite steps, small values and answers, no busy wait, short SQL).
+Whatever it meets past one of them (its budget, a larger value, a lock, any
+error) it is run again on a query thread, from the start, with the real
+bounds, and that run gives the answer or the error, exactly as before. So
+the loop spends at most the budget plus one step on values of at most the
+inline size on a query, however hostile; a query text that went past the
+budget (on its thread too) goes to a thread directly for a few seconds.
+
+Another agent's schema (sqlite_master) and every internal `_cr_*` table stay
+unreadable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import sqlite3
@@ -37,7 +50,15 @@ import nats.errors
 import orjson
 from nats.aio.client import Client as NATS
 
-from agent_client import QueryConnection, QueryError, QueryTimeout, is_valid_agent_id, query_subject, run_read_only
+from agent_client import (
+    QueryConnection,
+    QueryError,
+    QueryResult,
+    QueryTimeout,
+    is_valid_agent_id,
+    query_subject,
+    run_read_only,
+)
 
 from .central_store import CentralStore
 from .consumer import Consumer
@@ -53,6 +74,7 @@ from .errors import (
 from .store_view import StoreView
 
 MAX_ATTACHED = 9  # SQLite's default limit is 10 attached databases
+BUSY_TIMEOUT_MS = 2000  # how long a query thread waits on a lock (never the event loop: it does not wait)
 OVERRUN_GRACE_S = 0.5  # how long past its bound a query may take before it is answered 408 regardless
 log = logging.getLogger("replicator.query")
 _SCHEMA_TABLES = frozenset({"sqlite_master", "sqlite_schema", "sqlite_temp_master", "sqlite_temp_schema"})
@@ -128,7 +150,40 @@ def table_references(sql: str) -> tuple[set[str], set[tuple[str | None, str]]]:
     return schemas, refs
 
 
+#: Query texts up to this long have their references remembered (apps repeat the same few texts).
+_REFERENCES_CACHED_CHARS = 4096
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_references(sql: str) -> tuple[frozenset[str], frozenset[tuple[str | None, str]]]:
+    schemas, refs = table_references(sql)
+    return frozenset(schemas), frozenset(refs)
+
+
+def _references(sql: str) -> tuple[frozenset[str], frozenset[tuple[str | None, str]]]:
+    """table_references, remembered for short texts (at most 1024 of them, so at most ~4 MiB)."""
+    if len(sql) <= _REFERENCES_CACHED_CHARS:
+        return _cached_references(sql)
+    schemas, refs = table_references(sql)
+    return frozenset(schemas), frozenset(refs)
+
+
 _PoolKey = tuple[Path | None, tuple[tuple[str, Path], ...]]
+
+
+class _PooledConnection(QueryConnection):
+    """A pooled query connection whose progress handler runs at least every `progress_ops` steps when set.
+
+    run_read_only installs its handler every `2000` steps, right for a query thread; on the event loop
+    the budget is a few hundred µs, so the handler must look at the clock more often.
+    """
+
+    progress_ops: int | None = None
+
+    def set_progress_handler(self, progress_handler: Callable[[], int | None] | None, n: int, /) -> None:
+        if progress_handler is not None and self.progress_ops is not None:
+            n = min(n, self.progress_ops)
+        super().set_progress_handler(progress_handler, n)
 
 
 class _ReadPool:
@@ -143,19 +198,29 @@ class _ReadPool:
         self.size = size
         self.opened = 0
         self.closed = 0
-        self._idle: OrderedDict[int, tuple[_PoolKey, sqlite3.Connection]] = OrderedDict()
+        self._idle: OrderedDict[int, tuple[_PoolKey, _PooledConnection]] = OrderedDict()
         self._serial = 0
         self._lock = threading.Lock()
         self._shut = False
 
-    def acquire(self, key: _PoolKey) -> sqlite3.Connection:
+    def take_idle(self, key: _PoolKey) -> _PooledConnection | None:
+        """An idle connection for `key`, most recently used first; None if there is none (opening one is a
+        query thread's work: it reads files and schemas)."""
         with self._lock:
             for token in reversed(self._idle):
                 if self._idle[token][0] == key:
                     return self._idle.pop(token)[1]
+        return None
+
+    def acquire(self, key: _PoolKey) -> _PooledConnection:
+        idle = self.take_idle(key)
+        if idle is not None:
+            return idle
         main_path, attach = key
         target = f"file:{main_path}?mode=ro" if main_path is not None else "file::memory:?mode=ro"
-        conn = sqlite3.connect(target, uri=True, timeout=2.0, check_same_thread=False, factory=QueryConnection)
+        conn = sqlite3.connect(
+            target, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False, factory=_PooledConnection
+        )
         try:
             for name, path in attach:
                 conn.execute("ATTACH DATABASE ? AS ?", (f"file:{path}?mode=ro", name))
@@ -166,7 +231,7 @@ class _ReadPool:
             self.opened += 1
         return conn
 
-    def release(self, key: _PoolKey, conn: sqlite3.Connection) -> None:
+    def release(self, key: _PoolKey, conn: _PooledConnection) -> None:
         evicted: list[sqlite3.Connection] = []
         with self._lock:
             if conn.in_transaction or self._shut:
@@ -203,6 +268,38 @@ class _Limits:
     result: int  # one answer, JSON-encoded
 
 
+def _execute(
+    conn: sqlite3.Connection,
+    attach: dict[str, Path],
+    own_schemas: frozenset[str],
+    sql: str,
+    params: Sequence[Any] | Mapping[str, Any] | None,
+    timeout_s: float,
+    max_rows: int,
+    limits: _Limits,
+) -> QueryResult:
+    """run_read_only with the HTPC's table policy: the asker's tables and the agents it names, never `_cr_*`
+    tables or another agent's schema."""
+    allowed_schemas = {"main", *attach}
+
+    def policy(db: str, table: str) -> bool:
+        if db not in allowed_schemas or table.startswith("_cr_"):
+            return False
+        return table not in _SCHEMA_TABLES or db in own_schemas  # another agent's schema stays its own
+
+    return run_read_only(
+        conn,
+        sql,
+        params,
+        policy=policy,
+        timeout_s=timeout_s,
+        max_rows=max_rows,
+        max_value_read_bytes=limits.value_read,
+        max_value_bytes=limits.value,
+        max_result_bytes=limits.result,
+    )
+
+
 def _run(
     pool: _ReadPool,
     main_path: Path | None,
@@ -220,30 +317,32 @@ def _run(
     started.append(time.monotonic())
     key: _PoolKey = (main_path, tuple(sorted(attach.items())))
     conn = pool.acquire(key)
-    allowed_schemas = {"main", *attach}
-
-    def policy(db: str, table: str) -> bool:
-        if db not in allowed_schemas or table.startswith("_cr_"):
-            return False
-        return table not in _SCHEMA_TABLES or db in own_schemas  # another agent's schema stays its own
-
     try:
-        result = run_read_only(
-            conn,
-            sql,
-            params,
-            policy=policy,
-            timeout_s=timeout_s,
-            max_rows=max_rows,
-            max_value_read_bytes=limits.value_read,
-            max_value_bytes=limits.value,
-            max_result_bytes=limits.result,
-        )
+        result = _execute(conn, attach, own_schemas, sql, params, timeout_s, max_rows, limits)
     except BaseException:
         pool.discard(conn)
         raise
     pool.release(key, conn)
     return _answer(result.columns, result.rows_json, result.truncated, applied())
+
+
+@dataclass(frozen=True)
+class _Inline:
+    """The bounds of a query's first try on the event loop (past any of them it runs on a query thread).
+
+    `budget_s` is its time bound, checked by the progress handler every `progress_ops` SQLite steps and by
+    the guarded builtins; values read or made are at most `max_value_bytes` (one step's work is linear in
+    them), the answer at most `max_result_bytes`, the query text at most `max_sql_chars` (preparing it is
+    one uninterruptible step). No busy wait: a lock means a query thread.
+    """
+
+    budget_s: float = 0.0005
+    progress_ops: int = 64
+    max_value_bytes: int = 64 * 1024
+    max_result_bytes: int = 256 * 1024
+    max_sql_chars: int = 4096
+    slow_remembered: int = 512  # query texts that went past the budget, sent to a thread directly ...
+    slow_for_s: float = 5.0  # ... for this long (one slow run may be a cold cache or a busy machine)
 
 
 def _answer(columns: list[str], rows_json: bytes, truncated: bool, applied_seq: int | None, **extra: Any) -> bytes:
@@ -267,6 +366,7 @@ class QueryEngine:
         max_value_read_bytes: int = 8 * 1024 * 1024,
         max_concurrent: int = 2,
         pool_size: int = 16,
+        inline: _Inline | None = _Inline(),
     ) -> None:
         self.max_result_bytes = max_result_bytes  # one answer, encoded
         self.max_value_bytes = max_value_bytes  # a value produced by a query's functions
@@ -290,6 +390,20 @@ class QueryEngine:
         self.threads = min(64, max(8, 4 * max_concurrent))
         self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="query")
         self._running: dict[str, int] = {}
+        #: First tries on the event loop (None: every query on a thread); see the module docstring.
+        self.inline = inline
+        self.inline_answered = 0  # queries answered on the event loop
+        self.inline_rerun = 0  # queries tried there and run again on a query thread
+        self._slow: OrderedDict[str, float] = OrderedDict()  # query text past the inline budget -> until when
+        self._inline_limits = (
+            _Limits(
+                min(max_value_read_bytes, inline.max_value_bytes),
+                min(max_value_bytes, inline.max_value_bytes),
+                min(max_result_bytes, inline.max_result_bytes),
+            )
+            if inline is not None
+            else self._limits
+        )
 
     def idle_connections(self) -> int:
         """Pooled query connections open and idle now."""
@@ -343,7 +457,7 @@ class QueryEngine:
             # Wait first: an agent seen for the first time (or a table it just declared) only exists once applied.
             if min_seq is not None and min_seq > 0:
                 await self._wait_applied(agent_id, min_seq, epoch, timeout_ms)
-            schemas, refs = table_references(sql)
+            schemas, refs = _references(sql)
             view = self.store.view  # one consistent snapshot for this query (the apply thread owns the replicas)
             known = set(view.agents)
             forward_to = self._on_demand_owner(view, agent_id, refs)
@@ -362,6 +476,10 @@ class QueryEngine:
             def applied() -> int | None:
                 return consumer.applied(agent_id)[1] if consumer is not None else None
 
+            own = frozenset({"main", agent_id})
+            answer, over_budget = self._try_inline(main_path, attach, own, sql, params, timeout_ms / 1000, max_rows)
+            if answer is not None:
+                return _answer(answer.columns, answer.rows_json, answer.truncated, applied())
             started: list[float] = []  # when a query thread took it up
 
             job = self._executor.submit(
@@ -369,7 +487,7 @@ class QueryEngine:
                 self._pool,
                 main_path,
                 attach,
-                frozenset({"main", agent_id}),
+                own,
                 sql,
                 params,
                 timeout_ms / 1000,
@@ -380,15 +498,89 @@ class QueryEngine:
             )
             release_here = False
             job.add_done_callback(self._release_later(who))
+            slow = over_budget  # until the thread's run shows it was a passing hiccup (a cold cache, a busy box)
             try:
-                return await self._await_job(job, started, timeout_ms / 1000)
+                answer_json = await self._await_job(job, started, timeout_ms / 1000)
+                slow = (
+                    over_budget
+                    and self.inline is not None
+                    and bool(started)
+                    and (time.monotonic() - started[0] > self.inline.budget_s)
+                )
+                return answer_json
             except QueryError as exc:
                 raise _query_error(exc) from None
             except sqlite3.Error as exc:
                 raise BadRequest(f"query failed: {exc}") from None
+            finally:
+                if slow:
+                    self._remember_slow(sql)
         finally:
             if release_here:
                 self._release(who)
+
+    def _try_inline(
+        self,
+        main_path: Path | None,
+        attach: dict[str, Path],
+        own_schemas: frozenset[str],
+        sql: str,
+        params: Sequence[Any] | Mapping[str, Any] | None,
+        timeout_s: float,
+        max_rows: int,
+    ) -> tuple[QueryResult | None, bool]:
+        """(the query's result if it ran within the inline bounds on the event loop, else None: run it on a
+        query thread, whose run decides its answer or its error whatever stopped this one; did it stop at
+        the time budget?)."""
+        bounds = self.inline
+        if bounds is None or len(sql) > bounds.max_sql_chars:
+            return None, False
+        slow_until = self._slow.get(sql)
+        if slow_until is not None:
+            if slow_until > time.monotonic():
+                return None, False
+            del self._slow[sql]
+        key: _PoolKey = (main_path, tuple(sorted(attach.items())))
+        conn = self._pool.take_idle(key)
+        if conn is None:
+            return None, False
+        conn.progress_ops = bounds.progress_ops
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                result = _execute(
+                    conn,
+                    attach,
+                    own_schemas,
+                    sql,
+                    params,
+                    min(timeout_s, bounds.budget_s),
+                    max_rows,
+                    self._inline_limits,
+                )
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                conn.progress_ops = None
+        except (QueryError, sqlite3.Error) as exc:
+            # Its budget, a larger value or answer, a lock, or a real error: the thread's run tells which.
+            self._pool.release(key, conn)  # run_read_only left it as it found it
+            self.inline_rerun += 1
+            return None, isinstance(exc, QueryTimeout)
+        except BaseException:
+            self._pool.discard(conn)
+            raise
+        self._pool.release(key, conn)
+        self.inline_answered += 1
+        return result, False
+
+    def _remember_slow(self, sql: str) -> None:
+        """Past the inline budget on the loop and on its thread too: straight to a thread for a while."""
+        if self.inline is None:
+            return
+        self._slow[sql] = time.monotonic() + self.inline.slow_for_s
+        self._slow.move_to_end(sql)
+        while len(self._slow) > self.inline.slow_remembered:
+            self._slow.popitem(last=False)
 
     async def _await_job(self, job: Future[bytes], started: list[float], timeout_s: float) -> bytes:
         """The job's answer; 408 once it has run `timeout_s` + grace, even if SQLite is still inside one step.
@@ -428,6 +620,9 @@ class QueryEngine:
     async def _wait_applied(self, agent_id: str, min_seq: int, epoch: str | None, timeout_ms: int) -> None:
         if self.consumer is None:
             raise NotYetReplicated("this replicator does not consume the stream; min_seq cannot be honoured")
+        ep, have = self.consumer.applied(agent_id)
+        if have >= min_seq and (epoch is None or ep == epoch):
+            return  # already there (the common case for a read after a write): no waiter, no lock, no timer
         if not await self.consumer.wait_applied(agent_id, min_seq, timeout_ms / 1000, epoch):
             _ep, have = self.consumer.applied(agent_id)
             raise NotYetReplicated(
@@ -435,7 +630,7 @@ class QueryEngine:
             )
 
     @staticmethod
-    def _on_demand_owner(view: StoreView, agent_id: str, refs: set[tuple[str | None, str]]) -> str | None:
+    def _on_demand_owner(view: StoreView, agent_id: str, refs: frozenset[tuple[str | None, str]]) -> str | None:
         owners: set[str] = set()
         plain = 0
         for schema, name in refs:

@@ -127,9 +127,12 @@ def _secret_of(st: AgentStorage) -> bytes:
     return rows[0][0]
 
 
-async def _agent_state(secured: Secured, who: str, agent_id: str) -> dict[str, Any]:
+async def _agent_state(secured: Secured, who: str, agent_id: str, *, missing_ok: bool = False) -> dict[str, Any] | None:
+    """`who`'s view of `agent_id` on the HTPC; None (with missing_ok) while the HTPC has applied nothing of it."""
     async with secured.client(who) as c:
         resp = await c.get(f"/relay/agents/{agent_id}")
+        if missing_ok and resp.status_code == 404:
+            return None
         assert resp.status_code == 200, resp.text
         body: dict[str, Any] = resp.json()
         return body
@@ -140,8 +143,8 @@ async def _applied(secured: Secured, st: AgentStorage, timeout: float = 30.0) ->
     last = await st.last_committed_seq()
 
     async def check() -> dict[str, Any] | None:
-        body = await _agent_state(secured, "ops", st.agent_id)
-        return body if body["epoch"] == st.epoch and body["watermark"] >= last else None
+        body = await _agent_state(secured, "ops", st.agent_id, missing_ok=True)
+        return body if body and body["epoch"] == st.epoch and body["watermark"] >= last else None
 
     return await apoll(check, timeout, f"{st.agent_id} applied up to {last}")
 
@@ -198,6 +201,7 @@ async def test_squatting_the_victims_next_ids_loses_nothing(secured: Secured, ag
     # The attacker reads the victim's epoch and watermark like any agent may, and squats, on its own subject
     # with its own key, every id the victim's next records could carry by any rule it can compute.
     seen = await _agent_state(secured, "agent-a", "agent-b")
+    assert seen is not None
     epoch, watermark = seen["epoch"], seen["watermark"]
     assert (epoch, watermark) == (victim.epoch, await victim.last_committed_seq())
     ids = [
