@@ -155,6 +155,12 @@ class _Item:
 _KIND_NAMES: dict[type, str] = {RelayRecord: "a relay record", AgentStatusRecord: "a status record"}
 
 
+def _resolve(fut: asyncio.Future[None]) -> None:
+    """Wake a `wait_applied` reader (it checks again whether what it waits for is there)."""
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _is_pub_ack(data: bytes) -> bool:
     """A JetStream publish acknowledgement (`{"stream": ..., "seq": ...}`) or API error stored as a message.
 
@@ -272,6 +278,7 @@ class _PullPipe:
         self._heard = time.monotonic()  # the last time anything came back on the inbox
         self._broken: str | None = None
         self._avg_bytes = 512.0  # running average of a message's size (payload and headers)
+        self._reconnects = self._nc.stats.get("reconnects", 0)  # the connection the requests were sent on
 
     async def start(self) -> None:
         inbox = self._nc.new_inbox()
@@ -324,6 +331,13 @@ class _PullPipe:
 
     async def _top_up(self) -> None:
         now = time.monotonic()
+        reconnects = self._nc.stats.get("reconnects", 0)
+        if reconnects != self._reconnects:
+            # Pull requests live in the server they were sent to: after a reconnect (a restarted server, another
+            # server of the cluster) none of them is waiting any more. Waiting for their expiry would stall.
+            self._reconnects = reconnects
+            self._requests.clear()
+            self._due = 0
         while self._requests and self._requests[0][0] + 1.0 < now:  # expired, its notice lost: forget it
             self._due -= int(self._requests.popleft()[1])
         self._due = max(0, self._due)
@@ -410,7 +424,8 @@ class Consumer:
         self.max_stream_seq = 0
         self.last_error: str | None = None
         self.on_batch: Callable[[int], None] | None = None
-        self._applied_changed = asyncio.Condition()
+        # readers waiting for an agent's min_seq: agent -> futures resolved when a commit of that agent lands
+        self._applied_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._held: dict[str, list[Msg]] = defaultdict(list)
         self._held_touched = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apply")
@@ -444,12 +459,28 @@ class Consumer:
                 return False
             return wm >= min_seq
 
-        async with self._applied_changed:
-            try:
-                await asyncio.wait_for(self._applied_changed.wait_for(ready), timeout)
-                return True
-            except TimeoutError:
+        if ready():
+            return True
+        deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return ready()
+            fut: asyncio.Future[None] = loop.create_future()
+            waiters = self._applied_waiters.setdefault(agent_id, [])
+            waiters.append(fut)
+            timer = loop.call_later(remaining, _resolve, fut)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                with contextlib.suppress(ValueError):
+                    waiters.remove(fut)
+                if not waiters and self._applied_waiters.get(agent_id) is waiters:
+                    del self._applied_waiters[agent_id]
+            if ready():
+                return True
 
     async def ack_floor(self) -> int | None:
         """The stream sequence up to which every message is acknowledged (committed centrally), None if unknown."""
@@ -645,9 +676,9 @@ class Consumer:
         waiting for min_seq (they may go as soon as the data is committed). The delay before a retry."""
         retry_delay = self._note_failures(result)
         self._deliver(result.events)
-        if result.committed:
-            async with self._applied_changed:
-                self._applied_changed.notify_all()
+        for agent in result.committed:
+            for fut in self._applied_waiters.get(agent, ()):
+                _resolve(fut)
         return retry_delay
 
     def _note_failures(self, result: _BatchResult) -> float:
