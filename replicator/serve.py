@@ -68,7 +68,7 @@ def bind_http(host: str, port: int) -> list[socket.socket]:
                         f"port {port} on {host} is in use by another process; pick another with --port"
                     ) from None
                 raise CannotListen(f"cannot listen on {host}:{port}: {exc.strerror}; check --host and --port") from None
-            sock.set_inheritable(True)
+            # not inheritable: a child (the embedded nats-server) must never hold the HTTP port
     except BaseException:
         for sock in bound:
             sock.close()
@@ -141,7 +141,14 @@ async def serve(settings: Settings) -> None:
 
 
 def run_serve(settings: Settings) -> None:
-    """`replicator serve` until SIGTERM/SIGINT, on uvloop when it is installed (else asyncio's own loop)."""
+    """`replicator serve` until SIGTERM/SIGINT, on uvloop when it is installed (else asyncio's own loop).
+
+    With the relay API over HTTPS (`--tls-cert`) it runs on asyncio's own loop: the connection guard's bounded
+    TLS handshake (`loop.start_tls` on an accepted connection, _http_guard.py) does not complete on uvloop.
+    """
+    if settings.tls_cert is not None:
+        asyncio.run(serve(settings))
+        return
     _run_fast(serve(settings))
 
 
