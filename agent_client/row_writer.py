@@ -54,6 +54,11 @@ def _to_sqlite(table: str, column: str, value: Any) -> Any:
 _AS_IS = frozenset({str, float, bytes, type(None)})
 
 
+def _is_mapping(value: object) -> bool:
+    """isinstance(value, Mapping), with the common case (a dict) without the ABC machinery."""
+    return type(value) is dict or isinstance(value, Mapping)
+
+
 def _values(table: str, cols: tuple[str, ...], data: Mapping[str, Any]) -> list[Any]:
     """The row's values in `cols` order, converted (the common types without a call per value)."""
     out = []
@@ -105,11 +110,9 @@ class RowWriter:
         while i < n:
             table, data = items[i]
             j = i + 1
-            if isinstance(data, Mapping) and data:
+            if _is_mapping(data) and data:
                 keys = tuple(data)
-                while (
-                    j < n and items[j][0] == table and isinstance(items[j][1], Mapping) and tuple(items[j][1]) == keys
-                ):
+                while j < n and items[j][0] == table and _is_mapping(items[j][1]) and tuple(items[j][1]) == keys:
                     j += 1
             if j - i > 1:
                 out.extend(self._upsert_run(conn, table, keys, [d for _t, d in items[i:j]]))

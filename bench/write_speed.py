@@ -80,6 +80,8 @@ async def latency(base: Path, url: str, writes: int, rounds: int) -> None:
     for name, lat in (("plain sqlite3 + capture trigger (floor)", floor), ("write_data", ours)):
         report(f"{name} p50", pct(lat, 50) * 1e6, "us")
         report(f"{name} p99", pct(lat, 99) * 1e6, "us")
+        report(f"{name} p99.9", pct(lat, 99.9) * 1e6, "us")
+        report(f"{name} max", max(lat) * 1e6, "us")
     p50, f50 = pct(ours, 50) * 1e6, pct(floor, 50) * 1e6
     summary("write_data 1 row p50", p50, "us", floor=f50, target="<= 2x floor", met=p50 <= 2 * f50, valid=valid)
     p99 = pct(ours, 99) * 1e3
