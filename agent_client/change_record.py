@@ -479,22 +479,27 @@ def _fast_change_record(obj: dict[str, Any]) -> ChangeRecord | None:
             elif op == "S" and not layout.sql:
                 return None
         changes.append((seq, op, layout_id, values))
-    return _built(
-        ChangeRecord,
-        set(obj),
-        {
-            "v": RECORD_VERSION,
-            "kind": "changes",
-            "agent_id": agent_id,
-            "epoch": epoch,
-            "first_seq": first_seq,
-            "last_seq": last_seq,
-            "final": final,
-            "committed_at": committed_at,
-            "layouts": layouts,
-            "changes": changes,
-        },
-    )
+    fields = _header(agent_id, epoch, first_seq, last_seq, final, committed_at)
+    fields["layouts"] = layouts
+    fields["changes"] = changes
+    return _built(ChangeRecord, set(obj), fields)
+
+
+def _header(
+    agent_id: str, epoch: str, first_seq: int, last_seq: int, final: bool, committed_at: float | None
+) -> dict[str, Any]:
+    """A change record's fields before `layouts` and `changes`, in wire order: the one place both the fast
+    decoder and `change_record_bytes` take them from."""
+    return {
+        "v": RECORD_VERSION,
+        "kind": "changes",
+        "agent_id": agent_id,
+        "epoch": epoch,
+        "first_seq": first_seq,
+        "last_seq": last_seq,
+        "final": final,
+        "committed_at": committed_at,
+    }
 
 
 def _built(model: type[_M], fields_set: set[str], values: dict[str, Any]) -> _M:
@@ -551,18 +556,7 @@ def change_record_bytes(
     The publisher encodes each change once while it packs records by size; this only joins the parts, so a
     record costs no second serialisation. `decode_record` reads the result.
     """
-    header = orjson.dumps(
-        {
-            "v": RECORD_VERSION,
-            "kind": "changes",
-            "agent_id": agent_id,
-            "epoch": epoch,
-            "first_seq": first_seq,
-            "last_seq": last_seq,
-            "final": final,
-            "committed_at": committed_at,
-        }
-    )
+    header = orjson.dumps(_header(agent_id, epoch, first_seq, last_seq, final, committed_at))
     layouts = b",".join(b'"%d":%s' % (lid, layouts_json[lid]) for lid in sorted(layouts_json))
     return b"".join((header[:-1], b',"layouts":{', layouts, b'},"changes":[', b",".join(changes_json), b"]}"))
 

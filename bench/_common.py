@@ -14,8 +14,9 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -162,6 +163,14 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Python {platform.python_version()}, {platform.system()}"
 
 
+@contextlib.contextmanager
+def bench_dir() -> Iterator[Path]:
+    """The opening of every benchmark's run: print the machine line, then a scratch folder removed after."""
+    print(f"machine: {machine()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+
+
 def report(name: str, value: float, unit: str, target: str = "") -> None:
     fmt = f"{value:,.3f}" if value < 100 else f"{value:,.0f}"
     print(f"  {name:<58} {fmt:>14} {unit:<8} {target}", flush=True)
@@ -219,16 +228,18 @@ def fmt(value: float | None, suffix: str = "") -> str:
     return f"{value:.3f}{suffix}"
 
 
-def table_digest(db: Path, table: str = "events", order: str = "id") -> tuple[int, str]:
+def table_digest(
+    db: Path, table: str = "events", order: str = "id", columns: str = "*", timeout: float = 30
+) -> tuple[int, str]:
     """(row count, sha256 of every row in key order) of one table, read through a read-only connection.
 
     The same digest on the agent's file and on its central copy says the copy is exact (values and storage
     classes: `repr` tells 1 from 1.0 and '1')."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=timeout)
     try:
         h = hashlib.sha256()
         n = 0
-        for row in conn.execute(f"SELECT * FROM {table} ORDER BY {order}"):
+        for row in conn.execute(f"SELECT {columns} FROM {table} ORDER BY {order}"):
             h.update(repr(row).encode())
             n += 1
         return n, h.hexdigest()
@@ -270,6 +281,53 @@ async def wait_watermark(url: str, agent_id: str, seq: int, timeout: float, poll
                 return time.perf_counter()
             await asyncio.sleep(poll)
     raise TimeoutError(f"{agent_id} not applied up to {seq} within {timeout:g} s")
+
+
+async def serve_and_sample(
+    rep: Replicator,
+    path: str,
+    value: Callable[[httpx.Response], float],
+    target: float,
+    timeout: float = 900,
+    poll: float = 0.02,
+) -> tuple[float, list[tuple[float, float]]]:
+    """Start `rep` (not waiting for it) over a stream already loaded, then poll `GET <rep.url><path>` every
+    `poll` s until `value(response)` reaches `target` (or `timeout` s pass). (the perf_counter at the start,
+    the (perf_counter, value) samples), for `drain_rate`. A refused connection (the server still starting) is
+    retried, not sampled."""
+    started = time.perf_counter()
+    rep.start_nowait()
+    samples: list[tuple[float, float]] = []
+    async with httpx.AsyncClient(timeout=10) as client:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            try:
+                r = await client.get(f"{rep.url}{path}")
+            except httpx.HTTPError:
+                await asyncio.sleep(poll)
+                continue
+            done = value(r)
+            samples.append((time.perf_counter(), done))
+            if done >= target:
+                break
+            await asyncio.sleep(poll)
+    return started, samples
+
+
+async def naive_write(client: httpx.AsyncClient, port: int, local: sqlite3.Connection, n: int) -> httpx.Response:
+    """One write the guide's way (bench/naive_relay.py): local sqlite3 insert + commit of row `n`, then a POST
+    of the row to the naive relay on `port`, which inserts it. The relay's answer."""
+    cur = local.execute("INSERT INTO events (kind, payload, score) VALUES (?, ?, ?)", ("n", str(n), 0.5))
+    local.commit()
+    return await client.post(
+        f"http://127.0.0.1:{port}/relay/immediate",
+        json={
+            "agent_id": "naive",
+            "table": "events",
+            "data": {"id": cur.lastrowid, "kind": "n", "payload": str(n), "score": 0.5},
+            "timestamp": time.time(),
+        },
+    )
 
 
 def drain_rate(samples: Sequence[tuple[float, float]], total: float, started: float) -> tuple[float, str]:

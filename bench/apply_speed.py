@@ -33,7 +33,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,12 +41,13 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     Replicator,
+    bench_dir,
     drain_rate,
-    machine,
     metric_total,
     nats_server,
     open_storage,
     report,
+    serve_and_sample,
     summary,
     table_digest,
     wait_watermark,
@@ -143,23 +143,11 @@ async def drain(base: Path, args: argparse.Namespace) -> None:
         floor = records / seconds
 
         rep = Replicator(base / "htpc-drain", url)
-        started = time.perf_counter()
-        rep.start_nowait()
-        samples: list[tuple[float, float]] = []
         try:
+            started, samples = await serve_and_sample(
+                rep, "/metrics", lambda r: metric_total(r.text, "replicator_records_applied_total"), records
+            )
             async with httpx.AsyncClient(timeout=10) as client:
-                deadline = time.perf_counter() + 900
-                while time.perf_counter() < deadline:
-                    try:
-                        r = await client.get(f"{rep.url}/metrics")
-                    except httpx.HTTPError:
-                        await asyncio.sleep(0.02)
-                        continue
-                    applied = metric_total(r.text, "replicator_records_applied_total")
-                    samples.append((time.perf_counter(), applied))
-                    if applied >= records:
-                        break
-                    await asyncio.sleep(0.02)
                 agents = (await client.get(f"{rep.url}/relay/agents")).json()["agents"]
             watermarks = {a["agent_id"]: a["watermark"] for a in agents}
             valid = all(watermarks.get(agent) == seq for agent, seq in last.items())
@@ -184,6 +172,11 @@ async def drain(base: Path, args: argparse.Namespace) -> None:
     )
 
 
+def _watermark(r: httpx.Response) -> float:
+    """The central watermark in a `GET /relay/agents/<id>` answer (0 while the agent is not known yet)."""
+    return float(r.json()["watermark"]) if r.status_code == 200 else 0.0
+
+
 async def catchup(base: Path, args: argparse.Namespace) -> None:
     rows = args.catchup_rows // 100 * 100
     with nats_server(base / "js-catchup") as (url, _proc):
@@ -202,23 +195,8 @@ async def catchup(base: Path, args: argparse.Namespace) -> None:
         floor = changes / seconds
 
         rep = Replicator(base / "htpc-catchup", url)
-        started = time.perf_counter()
-        rep.start_nowait()
-        samples: list[tuple[float, float]] = []
         try:
-            async with httpx.AsyncClient(timeout=10) as client:
-                deadline = time.perf_counter() + 900
-                while time.perf_counter() < deadline:
-                    try:
-                        r = await client.get(f"{rep.url}/relay/agents/{st.agent_id}")
-                    except httpx.HTTPError:
-                        await asyncio.sleep(0.02)
-                        continue
-                    wm = r.json()["watermark"] if r.status_code == 200 else 0
-                    samples.append((time.perf_counter(), wm))
-                    if wm >= last:
-                        break
-                    await asyncio.sleep(0.02)
+            started, samples = await serve_and_sample(rep, f"/relay/agents/{st.agent_id}", _watermark, last)
             rss = rep.peak_rss_mb()
             valid = samples[-1][1] >= last and table_digest(st.db_path) == table_digest(rep.central_db(st.agent_id))
         finally:
@@ -242,9 +220,7 @@ async def catchup(base: Path, args: argparse.Namespace) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    print(f"machine: {machine()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp)
+    with bench_dir() as base:
         if "batch" in args.only:
             await batch(base, args)
         if "drain" in args.only:

@@ -10,7 +10,6 @@ import asyncio
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +17,18 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, Replicator, free_port, machine, nats_server, open_storage, pct, report, wait_port
+from _common import (
+    BIN,
+    Replicator,
+    bench_dir,
+    free_port,
+    naive_write,
+    nats_server,
+    open_storage,
+    pct,
+    report,
+    wait_port,
+)
 
 from agent_client import AgentStorage
 
@@ -145,17 +155,7 @@ async def naive_baseline(base: Path, seconds: float = 5.0) -> tuple[float, list[
             t0 = time.perf_counter()
             while time.perf_counter() < stop:
                 t = time.perf_counter()
-                cur = local.execute("INSERT INTO events (kind, payload, score) VALUES (?, ?, ?)", ("n", str(n), 0.5))
-                local.commit()
-                await client.post(
-                    f"http://127.0.0.1:{port}/relay/immediate",
-                    json={
-                        "agent_id": "naive",
-                        "table": "events",
-                        "data": {"id": cur.lastrowid, "kind": "n", "payload": str(n), "score": 0.5},
-                        "timestamp": time.time(),
-                    },
-                )
+                await naive_write(client, port, local, n)
                 lat.append(time.perf_counter() - t)
                 n += 1
             return n / (time.perf_counter() - t0), lat
@@ -188,74 +188,68 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def main(args: argparse.Namespace) -> None:
     seconds = args.seconds
-    print(f"machine: {machine()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp)
-        with nats_server(base / "js") as (url, _nats):
-            rep = Replicator(base / "htpc", url)
-            rep.start()
-            try:
-                st = await open_storage(base / "a", "bench-lag", url)
-                lags = await lag_at_rate(st, rep, seconds=seconds)
-                report(
-                    "replication lag at 1,000 writes/s, commit -> /relay/query, p50",
-                    pct(lags, 50) * 1e3,
-                    "ms",
-                    "(issue 11: <= 3 ms, judged by lag.py)",
-                )
-                report("replication lag at 1,000 writes/s, p99", pct(lags, 99) * 1e3, "ms", "(issue 11: <= 15 ms)")
-                report("  (probes answered)", len(lags), "")
-                report(
-                    f"end-to-end rows/s, 100-row transactions ({args.rows // 100 * 100:,} rows)",
-                    await throughput(st, rep, txs=args.rows // 100, rows=100),
-                    "rows/s",
-                    "(issue 11: >= 150,000, judged by apply_speed.py)",
-                )
-                report(
-                    "end-to-end single-row transactions/s, 8 writers",
-                    await single_row_tps(st, rep, seconds),
-                    "tx/s",
-                    "(an earlier target: >= 10,000)",
-                )
-                max_id = (await st.query_local("SELECT max(id) AS m FROM events"))[0]["m"]
-                qlat = await query_latency(rep, st.agent_id, max_id, seconds=seconds)
-                report("/relay/query primary-key lookup at 500 req/s, p50", pct(qlat, 50) * 1e3, "ms")
-                report("/relay/query primary-key lookup at 500 req/s, p99", pct(qlat, 99) * 1e3, "ms")
-                ours_rate, ours_lat = await ours_sequential(st, seconds)
-                await st.close()
-            finally:
-                rep.stop()
-
-            naive_rate, naive_lat = await naive_baseline(base, seconds)
-            report("baseline (guide): local insert + HTTP POST per write, writes/s", naive_rate, "w/s")
-            report("baseline write p50 / p99", pct(naive_lat, 50) * 1e3, "ms", f"p99 {pct(naive_lat, 99) * 1e3:.3f} ms")
-            report("ours: write_data (replicated via JetStream), one writer, writes/s", ours_rate, "w/s")
-            report("ours write p50 / p99", pct(ours_lat, 50) * 1e3, "ms", f"p99 {pct(ours_lat, 99) * 1e3:.3f} ms")
-            report("ratio ours / baseline, sequential writes/s", ours_rate / naive_rate, "x")
-
-            # catch-up: the replicator is down while the agent writes; then it drains the backlog
-            rep2 = Replicator(base / "htpc2", url)
-            st = await open_storage(base / "c", "bench-catchup", url)
-            rows, per_tx = args.catchup_rows, 100
-            t = time.perf_counter()
-            for i in range(rows // per_tx):
-                await st.batch_write(
-                    [
-                        {"table": "events", "data": {"kind": "c", "payload": f"{i}-{j}", "score": j}}
-                        for j in range(per_tx)
-                    ]
-                )
-            await st.flush(timeout=600)
-            report(f"backlog written + in JetStream ({rows:,} rows)", time.perf_counter() - t, "s")
-            last = await st.last_committed_seq()
+    with bench_dir() as base, nats_server(base / "js") as (url, _nats):
+        rep = Replicator(base / "htpc", url)
+        rep.start()
+        try:
+            st = await open_storage(base / "a", "bench-lag", url)
+            lags = await lag_at_rate(st, rep, seconds=seconds)
+            report(
+                "replication lag at 1,000 writes/s, commit -> /relay/query, p50",
+                pct(lags, 50) * 1e3,
+                "ms",
+                "(issue 11: <= 3 ms, judged by lag.py)",
+            )
+            report("replication lag at 1,000 writes/s, p99", pct(lags, 99) * 1e3, "ms", "(issue 11: <= 15 ms)")
+            report("  (probes answered)", len(lags), "")
+            report(
+                f"end-to-end rows/s, 100-row transactions ({args.rows // 100 * 100:,} rows)",
+                await throughput(st, rep, txs=args.rows // 100, rows=100),
+                "rows/s",
+                "(issue 11: >= 150,000, judged by apply_speed.py)",
+            )
+            report(
+                "end-to-end single-row transactions/s, 8 writers",
+                await single_row_tps(st, rep, seconds),
+                "tx/s",
+                "(an earlier target: >= 10,000)",
+            )
+            max_id = (await st.query_local("SELECT max(id) AS m FROM events"))[0]["m"]
+            qlat = await query_latency(rep, st.agent_id, max_id, seconds=seconds)
+            report("/relay/query primary-key lookup at 500 req/s, p50", pct(qlat, 50) * 1e3, "ms")
+            report("/relay/query primary-key lookup at 500 req/s, p99", pct(qlat, 99) * 1e3, "ms")
+            ours_rate, ours_lat = await ours_sequential(st, seconds)
             await st.close()
-            t = time.perf_counter()
-            rep2.start()
-            async with httpx.AsyncClient(timeout=10) as client:
-                done = await wait_applied(client, rep2, "bench-catchup", last, 900)
-            report(f"catch-up of {rows:,} rows after the replicator was down", rows / (done - t), "rows/s")
-            report("replicator peak RSS during catch-up", rep2.peak_rss_mb(), "MB", "(issue 11: <= 150 MB)")
-            rep2.stop()
+        finally:
+            rep.stop()
+
+        naive_rate, naive_lat = await naive_baseline(base, seconds)
+        report("baseline (guide): local insert + HTTP POST per write, writes/s", naive_rate, "w/s")
+        report("baseline write p50 / p99", pct(naive_lat, 50) * 1e3, "ms", f"p99 {pct(naive_lat, 99) * 1e3:.3f} ms")
+        report("ours: write_data (replicated via JetStream), one writer, writes/s", ours_rate, "w/s")
+        report("ours write p50 / p99", pct(ours_lat, 50) * 1e3, "ms", f"p99 {pct(ours_lat, 99) * 1e3:.3f} ms")
+        report("ratio ours / baseline, sequential writes/s", ours_rate / naive_rate, "x")
+
+        # catch-up: the replicator is down while the agent writes; then it drains the backlog
+        rep2 = Replicator(base / "htpc2", url)
+        st = await open_storage(base / "c", "bench-catchup", url)
+        rows, per_tx = args.catchup_rows, 100
+        t = time.perf_counter()
+        for i in range(rows // per_tx):
+            await st.batch_write(
+                [{"table": "events", "data": {"kind": "c", "payload": f"{i}-{j}", "score": j}} for j in range(per_tx)]
+            )
+        await st.flush(timeout=600)
+        report(f"backlog written + in JetStream ({rows:,} rows)", time.perf_counter() - t, "s")
+        last = await st.last_committed_seq()
+        await st.close()
+        t = time.perf_counter()
+        rep2.start()
+        async with httpx.AsyncClient(timeout=10) as client:
+            done = await wait_applied(client, rep2, "bench-catchup", last, 900)
+        report(f"catch-up of {rows:,} rows after the replicator was down", rows / (done - t), "rows/s")
+        report("replicator peak RSS during catch-up", rep2.peak_rss_mb(), "MB", "(issue 11: <= 150 MB)")
+        rep2.stop()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     Replicator,
-    machine,
+    bench_dir,
     metric_total,
     nats_server,
     open_storage,
@@ -287,11 +286,8 @@ async def probe(url: str, agent_id: str, out: Path) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    print(f"machine: {machine()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp)
-        with nats_server(base / "js") as (url, _proc):
-            await run(base, url, args)
+    with bench_dir() as base, nats_server(base / "js") as (url, _proc):
+        await run(base, url, args)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -34,9 +34,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     Replicator,
+    bench_dir,
     cpu_seconds,
-    machine,
     nats_server,
     open_storage,
     pct,
@@ -237,18 +237,33 @@ async def _start_workers(
     return procs, cfgs, ready
 
 
-async def load(base: Path, url: str, nats_pid: int, args: argparse.Namespace) -> None:
-    rep = Replicator(base / "htpc-load", url)
+_Workers = tuple[Replicator, list[subprocess.Popen[bytes]], list[dict[str, Any]], dict[str, int], dict[str, int]]
+
+
+@contextlib.asynccontextmanager
+async def _phase(base: Path, url: str, mode: str, args: argparse.Namespace, agents: int) -> AsyncIterator[_Workers]:
+    """A phase's replicator and worker processes, every agent's first rows awaited at the HTPC; both stopped
+    (the workers killed) when the phase ends, however it ends. (replicator, worker processes, their configs,
+    agent -> seq of its first rows, agent -> central watermark seen)"""
+    rep = Replicator(base / f"htpc-{mode}", url)
     rep.start()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         t = time.perf_counter()
-        procs, cfgs, ready = await _start_workers(base, url, "load", args, args.agents)
+        procs, cfgs, ready = await _start_workers(base, url, mode, args, agents)
         marks = await _wait_applied(rep, ready, 120)
+        print(f"{mode}: {len(ready)} agents in {args.processes} processes open in {time.perf_counter() - t:.1f} s")
+        yield rep, procs, cfgs, ready, marks
+    finally:
+        _kill(procs)
+        rep.stop()
+
+
+async def load(base: Path, url: str, nats_pid: int, args: argparse.Namespace) -> None:
+    async with _phase(base, url, "load", args, args.agents) as (rep, procs, cfgs, ready, marks):
         if any(marks.get(a, 0) < s for a, s in ready.items()):
             raise RuntimeError("the agents' first rows did not reach the HTPC")
         n_agents = len(ready)
-        print(f"load: {n_agents} agents in {args.processes} processes open in {time.perf_counter() - t:.1f} s")
         watcher = _Watcher({a: rep.central_db(a) for a in ready}, args.poll_ms / 1e3)
         watcher.start()
         cpu0, wall0 = _cpu([rep.pid, nats_pid]), time.monotonic()
@@ -274,9 +289,6 @@ async def load(base: Path, url: str, nats_pid: int, args: argparse.Namespace) ->
             table_digest(Path(r["db"])) == table_digest(rep.central_db(agent)) and marks.get(agent) == r["last"]
             for agent, r in results.items()
         )
-    finally:
-        _kill(procs)
-        rep.stop()
     writes = sum(len(r["stamps"]) for r in results.values())
     lags = [
         watcher.seen[(agent, rid)] - t
@@ -318,16 +330,9 @@ async def load(base: Path, url: str, nats_pid: int, args: argparse.Namespace) ->
 
 
 async def idle(base: Path, url: str, nats_pid: int, args: argparse.Namespace) -> None:
-    rep = Replicator(base / "htpc-idle", url)
-    rep.start()
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        t = time.perf_counter()
-        procs, cfgs, ready = await _start_workers(base, url, "idle", args, args.idle_agents)
-        marks = await _wait_applied(rep, ready, 120)
+    async with _phase(base, url, "idle", args, args.idle_agents) as (rep, procs, cfgs, ready, marks):
         applied = sum(marks.get(a, 0) >= s for a, s in ready.items())
         n_agents = len(ready)
-        print(f"idle: {n_agents} agents in {args.processes} processes open in {time.perf_counter() - t:.1f} s")
         Path(cfgs[0]["go"]).touch()
         await asyncio.sleep(2.0)  # let start-up work settle
         agent_pids = [p.pid for p in procs]
@@ -343,9 +348,6 @@ async def idle(base: Path, url: str, nats_pid: int, args: argparse.Namespace) ->
         Path(cfgs[0]["stop"]).touch()
         for proc in procs:
             proc.wait(GRACE_S)
-    finally:
-        _kill(procs)
-        rep.stop()
     cores = os.cpu_count() or 1
     share = (cpu_a + cpu_r + cpu_n) / wall / cores * 100
     print(f"  idle for {wall:.1f} s on {cores} cores; every agent met by the HTPC: {applied}/{n_agents}")
@@ -376,14 +378,11 @@ async def idle(base: Path, url: str, nats_pid: int, args: argparse.Namespace) ->
 
 
 async def main(args: argparse.Namespace) -> None:
-    print(f"machine: {machine()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp)
-        with nats_server(base / "js") as (url, nats_proc):
-            if "load" in args.only:
-                await load(base, url, nats_proc.pid, args)
-            if "idle" in args.only:
-                await idle(base, url, nats_proc.pid, args)
+    with bench_dir() as base, nats_server(base / "js") as (url, nats_proc):
+        if "load" in args.only:
+            await load(base, url, nats_proc.pid, args)
+        if "idle" in args.only:
+            await idle(base, url, nats_proc.pid, args)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

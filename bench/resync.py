@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import sqlite3
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Replicator, machine, nats_server, open_storage, report
+from _common import Replicator, machine, nats_server, open_storage, report, table_digest
 
 from agent_client import STREAM_NAME, AgentStorage
 
@@ -39,16 +38,7 @@ COLUMNS = "id, kind, payload, score"
 
 def digest(path: Path) -> tuple[int, str]:
     """(rows, sha256 over the rows in key order) of the `events` table of the SQLite file `path`."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        h = hashlib.sha256()
-        n = 0
-        for row in conn.execute(f"SELECT {COLUMNS} FROM events ORDER BY id"):
-            h.update(repr(row).encode())
-            n += 1
-        return n, h.hexdigest()
-    finally:
-        conn.close()
+    return table_digest(path, columns=COLUMNS, timeout=10)
 
 
 async def fill(st: AgentStorage, rows: int, per_tx: int) -> None:

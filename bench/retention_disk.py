@@ -25,7 +25,6 @@ import asyncio
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import httpx
 import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import BIN, Replicator, machine, nats_server, open_storage, report
+from _common import BIN, Replicator, bench_dir, nats_server, open_storage, report
 
 from agent_client import STREAM_NAME, AgentStorage
 
@@ -108,9 +107,7 @@ def human(n: float) -> str:
 
 
 async def main(args: argparse.Namespace) -> None:
-    print(f"machine: {machine()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp)
+    with bench_dir() as base:
         with nats_server(base / "js") as (url, _proc):
             rep = Replicator(base / "htpc", url)
             rep.start()

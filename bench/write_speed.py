@@ -23,7 +23,6 @@ import asyncio
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     BIN,
     Replicator,
+    bench_dir,
     free_port,
-    machine,
+    naive_write,
     nats_server,
     open_storage,
     pct,
@@ -104,17 +104,7 @@ async def _naive_run(
     n = acked = 0
     stop = time.perf_counter() + seconds
     while time.perf_counter() < stop:
-        cur = local.execute("INSERT INTO events (kind, payload, score) VALUES (?, ?, ?)", ("n", str(n), 0.5))
-        local.commit()
-        r = await client.post(
-            f"http://127.0.0.1:{port}/relay/immediate",
-            json={
-                "agent_id": "naive",
-                "table": "events",
-                "data": {"id": cur.lastrowid, "kind": "n", "payload": str(n), "score": 0.5},
-                "timestamp": time.time(),
-            },
-        )
+        r = await naive_write(client, port, local, n)
         acked += r.status_code == 200
         n += 1
     return n, acked
@@ -194,12 +184,9 @@ async def sequential(base: Path, url: str, seconds: float, rounds: int) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    print(f"machine: {machine()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp)
-        with nats_server(base / "js") as (url, _proc):
-            await latency(base, url, args.writes, args.rounds)
-            await sequential(base, url, args.seconds, args.rounds)
+    with bench_dir() as base, nats_server(base / "js") as (url, _proc):
+        await latency(base, url, args.writes, args.rounds)
+        await sequential(base, url, args.seconds, args.rounds)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
