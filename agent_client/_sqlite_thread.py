@@ -113,22 +113,23 @@ class SQLiteThread:
     def _next_job(self) -> _Job | None:
         """The next job; None when the thread should end (closed, or idle for `idle_exit_s`)."""
         while True:
-            if self._idle_exit_s is None:
-                return self._jobs.get()
             try:
-                return self._jobs.get(timeout=self._idle_exit_s)
+                job = self._jobs.get(timeout=self._idle_exit_s)
             except queue.Empty:
                 with self._lock:  # a job put under the lock after this check starts a new thread
                     if self._jobs.empty():
                         self._running = False
                         return None
+                continue
+            if job is None:  # closed: the last job. `_running` is cleared here only, under the lock, so a
+                with self._lock:  # thread that ends can never clear the flag of one started after it
+                    self._running = False
+            return job
 
     def _serve(self) -> None:
         while True:
             job = self._next_job()
             if job is None:
-                with self._lock:
-                    self._running = False
                 return
             fn, fut, loop = job
             try:

@@ -33,7 +33,7 @@ from .migration import Migration, apply_migrations, check_migrations
 from .nats_link import NatsLink
 from .publisher import Publisher
 from .query_responder import QueryResponder
-from .row_writer import RowId, RowWriter
+from .row_writer import RowId, RowWriter, is_mapping
 from .schema_watch import SchemaWatch
 from .subjects import agent_inbox_prefix
 from .visibility import Visibility, parse_visibility
@@ -248,7 +248,7 @@ class AgentStorage:
         PRIMARY KEY, any other key gets a uuid4 hex string.
         """
         self._check_open()
-        if not isinstance(data, Mapping):
+        if not is_mapping(data):
             raise InvalidRow(f"data for {table!r} must be a dict of column -> value")
         rows = self._rows
         return await self._store.write(lambda c: rows.upsert_one(c, table, data), single_statement=True, small=True)
@@ -258,11 +258,10 @@ class AgentStorage:
         self._check_open()
         items: list[tuple[str, Mapping[str, Any]]] = []
         for i, rec in enumerate(records):
-            # `type(x) is dict` first: an ABC isinstance check costs about as much as writing the row's values
-            if not (type(rec) is dict or isinstance(rec, Mapping)) or "table" not in rec:
+            if not is_mapping(rec) or "table" not in rec:
                 raise InvalidRow(f"batch record {i} must be {{'table': str, 'data': dict}}")
             data = rec.get("data")
-            if not (type(data) is dict or isinstance(data, Mapping)):
+            if not is_mapping(data):
                 raise InvalidRow(f"batch record {i} must be {{'table': str, 'data': dict}}")
             items.append((rec["table"], data))
         rows = self._rows

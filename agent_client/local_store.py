@@ -138,7 +138,8 @@ class _Busy(Exception):
     """The loop connection could not take the write lock at once: the write goes to the writer thread."""
 
 
-def _is_busy(exc: sqlite3.Error) -> bool:
+def is_busy(exc: sqlite3.Error) -> bool:
+    """SQLite said busy or locked: another connection holds the lock (try again, or on a thread that may wait)."""
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
         return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
@@ -240,7 +241,7 @@ class LocalStore:
         try:
             return True, fn(conn)
         except sqlite3.Error as exc:
-            if _is_busy(exc):
+            if is_busy(exc):
                 return False, None
             raise translate_sqlite_error(exc) from exc
 
@@ -252,7 +253,7 @@ class LocalStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            if _is_busy(exc):
+            if is_busy(exc):
                 raise _Busy from None
             raise translate_sqlite_error(exc) from exc
         try:
@@ -307,7 +308,8 @@ class LocalStore:
                 finally:
                     self._solo -= 1
         except Exception as exc:  # the next one tries again; a closed store needs none
-            log.debug("checkpoint of %s failed: %r", self.path, exc)
+            # the loop connection never checkpoints: a failure that lasts (disk full, I/O) lets the WAL grow
+            (log.debug if self._closed else log.warning)("checkpoint of %s failed: %r", self.path, exc)
 
     async def _flush_loop(self) -> None:
         while self._pending:

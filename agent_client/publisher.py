@@ -80,7 +80,7 @@ from .change_record import (
     msg_id,
     status_msg_id,
 )
-from .local_store import LocalStore, connect, open_connection
+from .local_store import LocalStore, connect, is_busy, reader_connection
 from .nats_link import NatsLink
 from .stream import STREAM_NAME, ensure_stream
 from .subjects import changes_subject
@@ -278,7 +278,7 @@ class Publisher:
         self._unsaved: dict[tuple[int, int], str] = {}  # fresh-id nonces not yet in the database
         self._trimmed_seq = 0
         self._last_trim = 0.0
-        self._reader: SQLiteThread | None = None  # opened at the first large read
+        self._reader: SQLiteThread = reader_connection(db_path)  # opened at the first large read
         self._conn: sqlite3.Connection | None = None  # reads on the event loop
         self._loop_width = _Width()  # for reads on self._conn
         self._dirty = True  # the log may hold closed rows after the cursor that were not read
@@ -313,9 +313,8 @@ class Publisher:
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        conn = self._conn = connect(self.db_path)
         # A read on the event loop never waits for a lock: if SQLite says busy, the read goes to the thread.
-        conn.execute("PRAGMA busy_timeout = 0")
+        conn = self._conn = connect(self.db_path, busy_timeout_ms=0, setup=False)
         first, last = change_log.bounds(conn)
         self._secret = change_log.msg_id_secret(conn)
         self._fresh = change_log.msg_id_nonces(conn)
@@ -354,9 +353,8 @@ class Publisher:
         if self._read_ahead is not None:
             self._read_ahead[1].cancel()
             self._read_ahead = None
-        if self._reader is not None:
-            with contextlib.suppress(Exception):
-                await self._reader.close()
+        with contextlib.suppress(Exception):
+            await self._reader.close()
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._conn.close()
@@ -644,17 +642,12 @@ class Publisher:
         try:
             return fn(self._conn)
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
+            if not is_busy(exc):
                 raise
             return await self._read_on_thread(fn)
 
     async def _read_on_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run a read on the reader thread (opened at the first use: an idle agent never needs it)."""
-        if self._reader is None:
-            self._reader = await open_connection(self.db_path)
-            if self._closing:  # closed while it opened
-                await self._reader.close()
-                raise PublishFailed("publisher closed")
+        """Run a read on the reader thread (nothing is opened before the first use: an idle agent never needs it)."""
         return await self._reader.call(fn)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], Any], *, small: bool) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import orjson
 
@@ -54,7 +54,7 @@ def _to_sqlite(table: str, column: str, value: Any) -> Any:
 _AS_IS = frozenset({str, float, bytes, type(None)})
 
 
-def _is_mapping(value: object) -> bool:
+def is_mapping(value: object) -> TypeGuard[Mapping[str, Any]]:
     """isinstance(value, Mapping), with the common case (a dict) without the ABC machinery."""
     return type(value) is dict or isinstance(value, Mapping)
 
@@ -110,9 +110,9 @@ class RowWriter:
         while i < n:
             table, data = items[i]
             j = i + 1
-            if _is_mapping(data) and data:
+            if is_mapping(data) and data:
                 keys = tuple(data)
-                while j < n and items[j][0] == table and _is_mapping(items[j][1]) and tuple(items[j][1]) == keys:
+                while j < n and items[j][0] == table and is_mapping(items[j][1]) and tuple(items[j][1]) == keys:
                     j += 1
             if j - i > 1:
                 out.extend(self._upsert_run(conn, table, keys, [d for _t, d in items[i:j]]))
@@ -175,7 +175,7 @@ class RowWriter:
         return plan
 
     def _upsert(self, conn: sqlite3.Connection, table: str, data: Mapping[str, Any]) -> RowId:
-        if not isinstance(data, Mapping):
+        if not is_mapping(data):
             raise InvalidRow(f"data for {table!r} must be a dict of column -> value")
         cols = tuple(data)
         plan = self._plans.get((table, cols))

@@ -2,8 +2,8 @@
 
 DDL run through agent_client re-captures in its own transaction (schema_change.py). A schema change made by
 another connection (the sqlite3 shell, another program) is noticed here: SQLite bumps `PRAGMA
-schema_version` on every schema change, the watch reads it every `interval` seconds (a few microseconds on a
-plain connection of its own, on the event loop: no thread hop, so an idle agent costs next to nothing) and,
+schema_version` on every schema change, the watch reads it every `interval` seconds (a few microseconds on the
+store's event-loop connection: no thread hop, so an idle agent costs next to nothing) and,
 when it moved, runs catalog.resync_schema through the writer queue: a renamed
 `always` table is followed (X for the old name, S + snapshot for the new), a changed one re-captured, a
 dropped one forgotten. It also runs at every open.
@@ -20,7 +20,7 @@ import time
 from . import catalog
 from ._sqlite_thread import SQLiteThread
 from .errors import AgentStorageError
-from .local_store import LocalStore, connect
+from .local_store import LocalStore
 from .publisher import next_tick
 from .schema_change import schema_version
 
@@ -44,11 +44,8 @@ class SchemaWatch:
         self.last_error: str | None = None
         self._seen: int | None = None
         self._task: asyncio.Task[None] | None = None
-        self._conn: sqlite3.Connection | None = None  # read on the event loop
 
     async def start(self) -> None:
-        self._conn = connect(self.store.path)
-        self._conn.execute("PRAGMA busy_timeout = 0")  # never wait on the loop: busy -> the reader thread
         self._seen = await self._version()
         self._task = asyncio.create_task(self._run(), name="schema-watch")
 
@@ -57,16 +54,15 @@ class SchemaWatch:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-        if self._conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.close()
-            self._conn = None
 
     async def _version(self) -> int:
-        """The schema version, read on the event loop (on the reader thread if SQLite is busy right now)."""
-        if self._conn is not None:
-            with contextlib.suppress(sqlite3.OperationalError):
-                return schema_version(self._conn)
+        """The schema version, read on the store's event-loop connection (on the reader thread if SQLite is busy
+        right now, or this is not the loop's thread)."""
+        with contextlib.suppress(AgentStorageError):
+            done, version = self.store.try_read(schema_version)
+            if done:
+                assert version is not None
+                return version
         return await self.reader.call(schema_version)
 
     async def check(self) -> list[str]:

@@ -5,17 +5,20 @@ arrive while the previous batch is applied, and a batch is whatever arrived
 (up to `batch` messages or BATCH_BYTES). Per agent, records are applied in
 sequence order: what becomes of each record
 is the sequencer's verdict (replicator/sequencer.py), and this module carries
-it out. A batch of delivered messages is applied on one thread, in one hop
-(SQLite work never blocks the event loop), each record in a savepoint inside its agent's
+it out. A small batch (up to ON_LOOP_BYTES) is applied right on the event
+loop, where a thread hop would cost more than the work; a larger one on the
+apply thread, in one hop. Each record goes in a savepoint inside its agent's
 transaction; each agent's transaction commits once per batch, and only then
 are its messages acked. Duplicates are acked, gaps are nak'ed with a delay (the
 publisher's retransmission or JetStream's redelivery fills them), and anything
 that cannot be decoded or applied is written to the dead-letter store and
 terminated, while the consumer carries on.
 
-The apply thread owns the central store's replicas. After each batch (and
-after rolling back an expired multi-part transaction) it publishes what the
-event loop may read: the store's view, the open groups and the parked messages.
+The central store's replicas are owned by whoever holds `_apply_lock` (the
+loop for a small batch, the apply thread for everything else), never both at
+once. After each batch (and after rolling back an expired multi-part
+transaction) the owner publishes what readers on the event loop may use: the
+store's view, the open groups and the parked messages.
 
 A watchdog bounds the wait for messages: when nothing at all comes back on the
 pull inbox (not even a request's expiry) for far too long, the subscription is
@@ -453,6 +456,10 @@ class Consumer:
         return (view.epoch, view.watermark) if view is not None else (None, 0)
 
     async def wait_applied(self, agent_id: str, min_seq: int, timeout: float, epoch: str | None = None) -> bool:
+        """Whether the agent's (epoch and) watermark reached `min_seq` within `timeout`. Already there (a read
+        after a write, usually): answered at once, with no waiter and no timer; else woken by the agent's
+        commits (`_settle`)."""
+
         def ready() -> bool:
             ep, wm = self.applied(agent_id)
             if epoch is not None and ep != epoch:
