@@ -7,7 +7,8 @@ their own names:
   own newest status report);
 - `_cr_tables`: one `TableMeta` per data table (where it comes from, its visibility and columns);
 - `_cr_epochs`: retired epochs (an agent database that was replaced), whose late records are stale;
-- `_cr_relay_seen`: stream sequences of applied relay records (relay records carry no sequence of their own).
+- `_cr_relay_seen`: stream sequences of applied relay records (relay records carry no sequence of their own);
+- `_cr_feed`, `_cr_feed_meta`: the change feed's log (its layout and rules are in feed_log.py).
 """
 
 from __future__ import annotations

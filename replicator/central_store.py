@@ -12,6 +12,10 @@ agent's copy inside the agent's open transaction: its tables are dropped and
 refilled by the snapshot, and since a multi-part transaction stays open until
 its final part, readers see the old copy or the new one, never a mix.
 
+Every applied record that touched data tables is also appended to the copy's
+feed log (feed_log.py) in the same transaction, with each upsert labelled an
+insert or an update; a new epoch and a resync start a new feed.
+
 A central file that cannot be opened as a database (corrupt) is moved to
 `<data_dir>/quarantine/` and started afresh; the coordinator then resyncs the
 agent (`CentralStore.take_quarantined`).
@@ -46,15 +50,18 @@ from agent_client import (
     SQLiteValue,
     TableLayout,
     decode_values,
+    encode_values,
     is_valid_agent_id,
     quote_identifier,
     upsert_sql,
 )
 
 from . import central_schema as schema
+from . import feed_log
 from .central_schema import TableMeta
 from .data_dir import DataDir
 from .errors import RecordRejected
+from .feed_log import FEED_KEEP_BYTES, FEED_KEEP_UNITS, FEED_TRIM_SLACK, UnitBuilder
 from .relay_row import check_relay_columns, relay_row
 from .replica_state import ReplicaState
 from .sequencer import Position, RecordHeader, Verdict
@@ -86,6 +93,8 @@ _PAGE_MARGIN_BYTES = 16 * 1024 * 1024
 _DAMAGED_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 _SQLITE_HEADER = b"SQLite format 3\x00"
+#: Most parameters one key lookup binds (SQLite allows 32766 since 3.32; older builds 999).
+_MAX_KEY_PARAMS = 999
 #: Value types bound as they are (decode_values would return such a row unchanged but for an oversized integer).
 _PLAIN_TYPES = frozenset({int, float, str, type(None)})
 
@@ -201,6 +210,7 @@ class AgentReplica:
                 hard = max_bytes + 2 * max_record_bytes + _PAGE_MARGIN_BYTES
                 conn.execute(f"PRAGMA max_page_count = {hard // self.page_size + 1}")
             schema.create_schema(conn)
+            feed_log.create_schema(conn)
             self.state = _load_state(conn)
             st = os.stat(path)
         except BaseException:
@@ -210,6 +220,9 @@ class AgentReplica:
         self.file_id = (st.st_dev, st.st_ino)  # to notice the file deleted or replaced under us
         self._stmt_cache: dict[tuple[str, str, tuple[str, ...], tuple[int, ...]], str] = {}
         self._room: int | None = None  # bytes the open transaction may still add under the quota (estimate)
+        # Body bytes the feed log may keep: a quarter of the quota at most (the log counts in the file's size).
+        self.feed_keep_bytes = min(FEED_KEEP_BYTES, max_bytes // 4) if max_bytes is not None else FEED_KEEP_BYTES
+        self._updating: set[str] = set()  # tables whose last run of upserts had updates: labelled row by row
 
     # -------------------------------------------------------------- state
     @property
@@ -408,6 +421,45 @@ class AgentReplica:
         self.state.tables.pop(name, None)
         self._stmt_cache.clear()
 
+    # -------------------------------------------------------------- the feed log (feed_log.py)
+    def _new_feed(self) -> None:
+        """Start a new feed in the open transaction: empty log, new id; offsets of the old one must refetch."""
+        feed_id, floor = feed_log.start_new_feed(self.conn)
+        state = self.state
+        state.feed_id = feed_id
+        state.feed_n = state.feed_floor = floor
+        state.feed_rows = state.feed_bytes = 0
+        state.feed_open = False
+
+    def _log(self, unit: UnitBuilder | None, final: bool) -> None:
+        """Append what a record changed to the feed log (in the open transaction). A record that changed no data
+        table writes nothing, unless it is the final part of a multi-part transaction whose earlier parts
+        were logged (its row closes their unit)."""
+        state = self.state
+        if unit is None or state.feed_quiet or not (unit or (final and state.feed_open)):
+            return
+        body = unit.body()
+        n = feed_log.append(self.conn, final, unit.tables(), body, time.time())
+        state.feed_rows += 1
+        state.feed_bytes += len(body)
+        state.feed_open = not final
+        if final:
+            state.feed_n = n
+            if state.feed_rows > FEED_KEEP_UNITS or state.feed_bytes > self.feed_keep_bytes:
+                self._trim_feed()
+
+    def _trim_feed(self) -> None:
+        """Drop the oldest whole units, leaving room for FEED_TRIM_SLACK rows and a quarter of the byte bound."""
+        state = self.state
+        trimmed = feed_log.trim(
+            self.conn, state.feed_n, FEED_KEEP_UNITS - FEED_TRIM_SLACK, self.feed_keep_bytes - self.feed_keep_bytes // 4
+        )
+        if trimmed is not None:
+            floor, rows, body_bytes = trimmed
+            state.feed_floor = floor
+            state.feed_rows -= rows
+            state.feed_bytes -= body_bytes
+
     # -------------------------------------------------------------- change records
     def apply_changes(self, rec: ChangeRecord) -> None:
         """Apply the part of `rec` above the watermark inside the open transaction (a new epoch starts over)."""
@@ -421,32 +473,45 @@ class AgentReplica:
         # Changes run first_seq..last_seq one by one (decode_record checks it): skip those applied already.
         i = max(0, skip - rec.first_seq + 1)
         applied = 0
+        unit = None if state.feed_quiet else UnitBuilder()  # a resync's refill is not logged
         while i < n:
             _seq, op, layout_id, values = changes[i]
             if op == "R":  # the start of a resync: apply_resync did its work before
                 applied += 1
                 i += 1
                 continue
-            layout = layouts[str(layout_id)]
+            lid = str(layout_id)
+            layout = layouts[lid]
             if op == "U":
                 # A run of upserts into the same table: one executemany.
                 j = i + 1
                 while j < n and changes[j][1] == "U" and changes[j][2] == layout_id:
                     j += 1
-                self._upsert_run(layout, [c[3] for c in changes[i:j]] if j > i + 1 else [values])
+                run = [c[3] for c in changes[i:j]] if j > i + 1 else [values]
+                labels = self._upsert_run(layout, run)
+                if unit is not None:
+                    unit.upserts(lid, layout, run, labels)
                 applied += j - i
                 i = j
                 continue
             if op == "D":
                 self._delete(layout, _decoded(values))
+                if unit is not None:
+                    unit.delete(lid, layout, values)
             elif op == "S":
                 self._create_from_layout(layout)
+                if unit is not None:
+                    unit.schema(layout.table)
             elif op == "X":
                 meta = state.tables.get(layout.table)
                 if meta is not None and meta.source == "agent":
                     self._forget_table(layout.table)
+                    if unit is not None:
+                        unit.schema(layout.table)
             elif op == "V":
                 self._announce(layout)
+                if unit is not None:
+                    unit.schema(layout.table)
             applied += 1
             i += 1
         state.watermark = rec.last_seq
@@ -459,9 +524,13 @@ class AgentReplica:
             state.group_started = time.monotonic()
         if not state.open_group:
             state.group_started = 0.0
+        self._log(unit, rec.final)
+        if rec.final:
+            state.feed_quiet = False  # a resync's transaction ends with this record: later ones are logged
 
-    def _upsert_run(self, layout: TableLayout, rows: list[list[Any]]) -> None:
-        """Write whole rows into the layout's table (INSERT OR REPLACE), in as few executemany calls as can be.
+    def _upsert_run(self, layout: TableLayout, rows: list[list[Any]]) -> str:
+        """Write whole rows into the layout's table, in as few executemany calls as can be; the feed's labels:
+        "" when every row was new (an insert), else one "i" (insert) or "u" (update: its key was there) per row.
 
         Rows of plain values (integers, finite REALs, text, NULL: nearly all) go to SQLite as they arrived,
         judged by one pass over their value types; a row with a tagged value (BLOB, non-finite REAL, TEXT that
@@ -469,33 +538,123 @@ class AgentReplica:
         refuses the last two, and the record is rejected).
         """
         if set(map(type, chain.from_iterable(rows))) <= _PLAIN_TYPES:
-            sql = self._replace_sql(layout)
             try:
-                self.conn.executemany(sql, rows)
-                return
-            except OverflowError:  # an integer beyond 64 bits: refused below, by the value check (idempotent rows)
+                return self._write_rows(layout, (), rows)
+            except OverflowError:  # an integer beyond 64 bits: refused below, by the value check (the record undone)
                 pass
-            except sqlite3.Error as exc:
-                raise _rejected(exc, "cannot apply rows") from exc
+        parts: list[tuple[str, int]] = []
         pending: list[list[SQLiteValue]] = []
-        pending_sql: str | None = None
+        pending_casts: tuple[int, ...] | None = None
         for values in rows:
             row = _decoded(values)
             casts = _text_casts(row) if row is not values else ()
-            sql = self._replace_sql(layout, casts)
-            if sql != pending_sql:
-                self._write_rows(pending_sql, pending)
-                pending, pending_sql = [], sql
+            if casts != pending_casts:
+                if pending_casts is not None:
+                    parts.append((self._write_rows(layout, pending_casts, pending), len(pending)))
+                pending, pending_casts = [], casts
             pending.append(_bound(row, casts))
-        self._write_rows(pending_sql, pending)
+        if pending_casts is not None:
+            parts.append((self._write_rows(layout, pending_casts, pending), len(pending)))
+        if not any(labels for labels, _count in parts):
+            return ""
+        return "".join(labels or "i" * count for labels, count in parts)
 
-    def _write_rows(self, sql: str | None, rows: list[list[SQLiteValue]]) -> None:
-        if sql is None or not rows:
-            return
+    def _write_rows(self, layout: TableLayout, casts: tuple[int, ...], rows: list[list[Any]]) -> str:
+        """Write rows of one statement shape; their labels as `_upsert_run` says.
+
+        A run is first tried as one `INSERT OR IGNORE` executemany in a savepoint: when it inserted every row,
+        all were new (the common case: no read at all). Otherwise (or at once when the table's last run had
+        updates) the keys already there are found by one SELECT for the whole run and the rows written by one
+        `INSERT OR REPLACE` executemany. One row, or rows with values bound as casts: `INSERT OR IGNORE`, and
+        the `INSERT OR REPLACE` where it was ignored.
+        """
+        insert, replace = self._insert_sql(layout, casts), self._replace_sql(layout, casts)
+        conn = self.conn
+        table = layout.table
         try:
-            self.conn.executemany(sql, rows)
+            if len(rows) > 1 and table not in self._updating:
+                conn.execute("SAVEPOINT ins")
+                try:
+                    all_new = conn.executemany(insert, rows).rowcount == len(rows)
+                except BaseException:
+                    self._undo_savepoint("ins")
+                    raise
+                if all_new:
+                    conn.execute("RELEASE ins")
+                    self._updating.discard(table)
+                    return ""
+                self._undo_savepoint("ins")
+            if len(rows) > 1 and not casts:
+                labels = self._labels_of_run(layout, rows)
+                conn.executemany(replace, rows)
+            else:
+                labels = []
+                for row in rows:
+                    if conn.execute(insert, row).rowcount:
+                        labels.append("i")
+                    else:
+                        conn.execute(replace, row)
+                        labels.append("u")
         except sqlite3.Error as exc:
             raise _rejected(exc, "cannot apply rows") from exc
+        if "u" not in labels:
+            self._updating.discard(table)
+            return ""
+        self._updating.add(table)
+        return "".join(labels)
+
+    def _labels_of_run(self, layout: TableLayout, rows: list[list[Any]]) -> list[str]:
+        """The label of each row of a run about to be written: "u" where INSERT OR REPLACE will find its key
+        there already (in the table: one SELECT joins the run's keys to it, compared under the key columns'
+        affinity as the insert compares them, and answers the keys found as they were bound; or earlier in the
+        run), else "i"."""
+        pk_at = [layout.columns.index(c) for c in layout.pk]
+        found: set[Any] = set()
+        if len(pk_at) == 1:
+            j = pk_at[0]
+            keys: list[Any] = [row[j] for row in rows]
+            params: list[Any] = keys
+        else:
+            keys = [tuple(row[j] for j in pk_at) for row in rows]
+            params = [v for key in keys for v in key]
+        width = len(pk_at)
+        step = max(1, _MAX_KEY_PARAMS // width)
+        for start in range(0, len(keys), step):
+            chunk = params[start * width : (start + step) * width]
+            answer = self.conn.execute(self._keys_sql(layout, len(chunk) // width), chunk)
+            if width == 1:
+                found.update([r[0] for r in answer.fetchall()])
+            else:
+                found.update(answer)
+        labels = []
+        for key in keys:
+            if key in found:
+                labels.append("u")
+            else:
+                labels.append("i")
+                found.add(key)
+        return labels
+
+    def _keys_sql(self, layout: TableLayout, n: int) -> str:
+        """SELECT, of n keys bound in order, those whose key is in the layout's table (as bound)."""
+        cache_key = ("K", layout.table, tuple(layout.pk), (n,))
+        sql = self._stmt_cache.get(cache_key)
+        if sql is not None:
+            return sql
+        q = quote_identifier
+        width = len(layout.pk)
+        one = "(" + ", ".join("?" * width) + ")"
+        names = ", ".join(f"k{j}" for j in range(width))
+        on = " AND ".join(f"t.{q(c)} = k.k{j}" for j, c in enumerate(layout.pk))
+        values = ", ".join([one] * n)
+        sql = f"WITH k({names}) AS (VALUES {values}) SELECT {names} FROM k JOIN {q(layout.table)} AS t ON {on}"
+        self._stmt_cache[cache_key] = sql
+        return sql
+
+    def _undo_savepoint(self, name: str) -> None:
+        if self.conn.in_transaction:  # else SQLite rolled everything back already: see txn_lost
+            self.conn.execute(f"ROLLBACK TO {name}")
+            self.conn.execute(f"RELEASE {name}")
 
     def apply_resync(self, rec: ChangeRecord) -> None:
         """Replace the agent's copy with the fresh one `rec` starts (inside the open transaction)."""
@@ -508,6 +667,7 @@ class AgentReplica:
         Every table the agent replicates is dropped (relay-written tables stay), records remembered ahead that
         the snapshot supersedes are forgotten, an older epoch is retired, the watermark is set just before the
         resync and `blocked` is cleared; `rec` is then applied as usual (its S and U changes refill the tables).
+        A new feed starts, empty: the resync's records up to its final part are not logged.
         """
         state = self.state
         if rec.epoch != state.epoch and state.epoch is not None:
@@ -528,6 +688,8 @@ class AgentReplica:
         state.blocked = None
         state.last_resync = rec.resync_request
         state.resyncs += 1
+        self._new_feed()  # the feed starts again after the fresh copy: its refill is not logged
+        state.feed_quiet = True
 
     def _reset_epoch(self, epoch: str) -> None:
         """A new agent database: drop everything replicated from the old one and start over."""
@@ -543,6 +705,7 @@ class AgentReplica:
         state.epoch = epoch
         state.watermark = 0
         state.head_seq = 0
+        self._new_feed()  # a new history: offsets of the old database must refetch
 
     def _table_for(self, layout: TableLayout) -> TableMeta:
         meta = self.state.tables.get(layout.table)
@@ -558,13 +721,20 @@ class AgentReplica:
     def _replace_sql(self, layout: TableLayout, casts: tuple[int, ...] = ()) -> str:
         """INSERT OR REPLACE of a whole replicated row (the agent sends every column); the values at `casts`
         are bound as bytes and stored as TEXT (text that is not UTF-8, kept byte for byte)."""
-        key = ("U", layout.table, tuple(layout.columns), casts)
+        return self._row_sql("REPLACE", layout, casts)
+
+    def _insert_sql(self, layout: TableLayout, casts: tuple[int, ...] = ()) -> str:
+        """INSERT OR IGNORE of a whole row: it writes nothing when the key is there (an update, see _write_rows)."""
+        return self._row_sql("IGNORE", layout, casts)
+
+    def _row_sql(self, conflict: str, layout: TableLayout, casts: tuple[int, ...]) -> str:
+        key = (conflict, layout.table, tuple(layout.columns), casts)
         sql = self._stmt_cache.get(key)
         if sql is None:
             self._table_for(layout)
             q = quote_identifier
             marks = ", ".join(_placeholder(i, casts) for i in range(len(layout.columns)))
-            sql = f"INSERT OR REPLACE INTO {q(layout.table)} ({', '.join(map(q, layout.columns))}) VALUES ({marks})"
+            sql = f"INSERT OR {conflict} INTO {q(layout.table)} ({', '.join(map(q, layout.columns))}) VALUES ({marks})"
             self._stmt_cache[key] = sql
         return sql
 
@@ -613,13 +783,16 @@ class AgentReplica:
             seen = self.conn.execute("INSERT OR IGNORE INTO _cr_relay_seen (stream_seq) VALUES (?)", (stream_seq,))
             if seen.rowcount == 0:
                 return False  # committed before, its ack was lost: a redelivery
+        unit = None if self.state.feed_quiet else UnitBuilder()
         for row in rec.rows:
-            self._relay_row(row.table, row.data)
+            self._relay_row(row.table, row.data, unit)
+        # Inside an agent's open multi-part transaction the row joins its unit (they commit together).
+        self._log(unit, not self.state.open_group)
         self.state.records_applied += 1
         self.state.changes_applied += len(rec.rows)
         return True
 
-    def _relay_row(self, table: str, data: dict[str, Any]) -> None:
+    def _relay_row(self, table: str, data: dict[str, Any], unit: UnitBuilder | None) -> None:
         values = relay_row(table, data)
         q = quote_identifier
         meta = self.state.tables.get(table)
@@ -636,6 +809,8 @@ class AgentReplica:
             except sqlite3.Error as exc:
                 raise _rejected(exc, f"cannot create relay table {table!r}") from exc
             self._save_table(meta)
+            if unit is not None:
+                unit.schema(table)
         elif meta.source != "relay":
             # The agent's own table: only its change records write it, or the central copy would differ
             # from the agent's for good. (The API refuses this too, but only against what is applied.)
@@ -657,13 +832,31 @@ class AgentReplica:
                 None,
             )
             self._save_table(meta)
+            if unit is not None:
+                unit.schema(table)
         if meta.pk and not all(c in values for c in meta.pk):
             raise RecordRejected(f"row for {table} lacks its primary key {list(meta.pk)}")
         columns = list(values)
         try:
-            self.conn.execute(upsert_sql(table, columns, meta.pk), [values[c] for c in columns])
+            found = None
+            if unit is not None and meta.pk:
+                where = " AND ".join(f"{q(c)} IS ?" for c in meta.pk)
+                key_values = [values[c] for c in meta.pk]
+                found = self.conn.execute(f"SELECT rowid FROM {q(table)} WHERE {where}", key_values).fetchone()
+            cur = self.conn.execute(upsert_sql(table, columns, meta.pk), [values[c] for c in columns])
+            if unit is None:
+                return
+            rowid = found[0] if found is not None else cur.lastrowid
+            stored = self.conn.execute(
+                f"SELECT {', '.join(map(q, meta.columns))} FROM {q(table)} WHERE rowid = ?", (rowid,)
+            ).fetchone()
         except sqlite3.Error as exc:
             raise _rejected(exc, f"cannot write relay row into {table}") from exc
+        if stored is None:
+            return  # nothing was written (cannot happen: a row was inserted or its key found)
+        row = dict(zip(meta.columns, encode_values(stored), strict=True))
+        key = {c: row[c] for c in meta.pk} if meta.pk else {"rowid": rowid}
+        unit.relay(table, "u" if found is not None else "i", key, row)
 
     # -------------------------------------------------------------- views
     def view(self) -> AgentView:
@@ -693,6 +886,8 @@ class AgentReplica:
             agent_last_seq=done.agent_last_seq,
             agent_reported_at=done.agent_reported_at,
             file_id=self.file_id,
+            feed_id=done.feed_id,
+            feed_n=done.feed_n,
             tables=MappingProxyType(
                 {
                     name: TableView(m.name, m.source, m.visibility, m.columns, m.types, m.pk, m.sql)
@@ -712,6 +907,7 @@ def _load_state(conn: sqlite3.Connection) -> ReplicaState:
     saved = schema.load_state(conn)
     watermark = int(saved.get("watermark", 0))
     ahead = schema.count_ahead(conn)
+    feed = feed_log.load_position(conn)
     return ReplicaState(
         epoch=saved.get("epoch"),
         watermark=watermark,
@@ -733,6 +929,11 @@ def _load_state(conn: sqlite3.Connection) -> ReplicaState:
         agent_acked_seq=_optional_int(saved.get("agent_acked_seq")),
         agent_blocked=saved.get("agent_blocked"),
         agent_reported_at=_optional_float(saved.get("agent_reported_at")),
+        feed_id=feed.feed_id,
+        feed_n=feed.head,
+        feed_floor=feed.floor,
+        feed_rows=feed.rows,
+        feed_bytes=feed.body_bytes,
     )
 
 

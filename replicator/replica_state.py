@@ -43,6 +43,16 @@ class ReplicaState:
     agent_acked_seq: int | None = None
     agent_blocked: str | None = None
     agent_reported_at: float | None = None
+    # The feed log (feed_log.py), mirrored: its id, the n of its last complete unit (the head; its floor when
+    # empty), the floor, its rows and body bytes, whether rows of the open multi-part transaction are written
+    # (final=0, to be closed by a final row), and whether a resync's refill is being applied (never logged).
+    feed_id: str | None = None
+    feed_n: int = 0
+    feed_floor: int = 0
+    feed_rows: int = 0
+    feed_bytes: int = 0
+    feed_open: bool = False
+    feed_quiet: bool = False
 
     def __post_init__(self) -> None:
         self._begun: ReplicaState | None = None  # the state when the open transaction began (not a field)

@@ -54,6 +54,7 @@ from . import central_schema as schema
 from ._version import __version__
 from .data_dir import DataDir
 from .errors import SnapshotFailed
+from .feed_log import restart_feed_in_file
 
 log = logging.getLogger("replicator.snapshots")
 
@@ -471,6 +472,9 @@ def stage(source: Path, data: DataDir) -> tuple[Path, Manifest]:
 
     Returns (staging dir, manifest); the staging dir holds `agents/` and maybe `dead_letters.db`, ready for
     `put_in_place`. Raises SnapshotFailed (and leaves nothing behind) if anything is missing or damaged.
+
+    Each agent copy then starts a new change feed (feed_log.py): its history restarts here, so an offset handed
+    out before must refetch instead of continuing into units it never saw.
     """
     manifest = read_manifest(source)
     staging = data.staging()
@@ -479,6 +483,8 @@ def stage(source: Path, data: DataDir) -> tuple[Path, Manifest]:
         for f in manifest.files:
             _copy_checked(source / f.path, staging / f.path, f)
             _check_copy(staging / f.path, f)
+        for f in manifest.agents:
+            _restart_feed(staging / f.path)
         _fsync_dir(staging / "agents")
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -487,6 +493,13 @@ def stage(source: Path, data: DataDir) -> tuple[Path, Manifest]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging, manifest
+
+
+def _restart_feed(path: Path) -> None:
+    try:
+        restart_feed_in_file(path)
+    except sqlite3.Error as exc:
+        raise SnapshotFailed(f"cannot start a new change feed in {path.name}: {exc}") from exc
 
 
 def forget_stream_positions(staging: Path) -> None:

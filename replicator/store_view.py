@@ -50,6 +50,8 @@ class AgentView:
     agent_reported_at: float | None = None  # when the agent last reported its status
     last_resync: str | None = None  # request id of the last resync applied to this copy
     file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the central file when it was opened
+    feed_id: str | None = None  # the copy's current feed (feed_log.py): a new one after a new epoch/resync/restore
+    feed_n: int = 0  # the feed's committed head: n of the last complete unit (or its floor)
 
     @property
     def lag_changes(self) -> int:

@@ -57,6 +57,13 @@ def mutate(state: ReplicaState) -> None:
     state.agent_acked_seq = 125
     state.agent_blocked = "cannot send change 126"
     state.agent_reported_at = 400.0
+    state.feed_id = "0123456789abcdef"
+    state.feed_n = 77
+    state.feed_floor = 70
+    state.feed_rows = 7
+    state.feed_bytes = 700
+    state.feed_open = True
+    state.feed_quiet = True
 
 
 def test_mutate_changes_every_field() -> None:
