@@ -69,6 +69,7 @@ LIMIT_FLAGS: list[tuple[str, type, str]] = [
     ("http_request_timeout_s", float, "seconds a client has to send its request headers and body"),
     ("http_max_header_bytes", int, "bytes of a request's line and headers"),
     ("http_max_connections", int, "open HTTP connections at once"),
+    ("feed_max_subscribers", int, "live /relay/changes subscribers at once (SSE streams and long-polls)"),
 ]
 
 

@@ -427,6 +427,8 @@ class Consumer:
         self.max_stream_seq = 0
         self.last_error: str | None = None
         self.on_batch: Callable[[int], None] | None = None
+        # told (on the event loop) which agents' batches were committed, e.g. the change feed hub
+        self.on_committed: Callable[[Collection[str]], None] | None = None
         # readers waiting for an agent's min_seq: agent -> futures resolved when a commit of that agent lands
         self._applied_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._held: dict[str, list[Msg]] = defaultdict(list)
@@ -680,12 +682,18 @@ class Consumer:
 
     async def _settle(self, result: _BatchResult) -> float:
         """After a batch on the apply thread: track failures, tell the resync coordinator, wake the readers
-        waiting for min_seq (they may go as soon as the data is committed). The delay before a retry."""
+        waiting for min_seq (they may go as soon as the data is committed) and the change feeds
+        (`on_committed`). The delay before a retry."""
         retry_delay = self._note_failures(result)
         self._deliver(result.events)
         for agent in result.committed:
             for fut in self._applied_waiters.get(agent, ()):
                 _resolve(fut)
+        if self.on_committed is not None and result.committed:
+            try:
+                self.on_committed(result.committed)
+            except Exception:  # a listener's failure never stops the consumer
+                log.exception("consumer: on_committed listener failed")
         return retry_delay
 
     def _note_failures(self, result: _BatchResult) -> float:

@@ -139,3 +139,42 @@ class SnapshotFailed(ReplicatorError):
     """A snapshot, backup or restore could not be made (disk, a missing or inconsistent file)."""
 
     code = "snapshot_failed"
+
+
+class InvalidOffset(BadRequest):
+    """A change feed offset that is not `<16 hex digits>_<number>`."""
+
+    code = "invalid_offset"
+
+
+class UnknownTable(ReplicatorError):
+    """A table the HTPC never applied for that agent (private tables are never known centrally)."""
+
+    code = "unknown_table"
+    status = 404
+
+
+class TableNotVisible(ReplicatorError):
+    """An on_demand table: its rows stay with the agent, so there is no central feed of it."""
+
+    code = "table_not_visible"
+    status = 403
+
+
+class TooManySubscribers(ReplicatorError):
+    """As many live change feed subscribers as `--feed-max-subscribers` are open already."""
+
+    code = "too_many_subscribers"
+    status = 503
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class FeedUnavailable(ReplicatorError):
+    """The change feed could not be read (the central file is being replaced, a disk error)."""
+
+    code = "feed_unavailable"
+    status = 503
+    retry_after = 1

@@ -128,6 +128,7 @@ def render_metrics(status: Status) -> str:
         "Relay API writes published to JetStream",
         [({}, float(status.relay_published))],
     )
+    _feed_metrics(status, metric)
     _stream_metrics(status, metric)
     _agent_metrics(status, metric)
     return "\n".join(lines) + "\n"
@@ -136,6 +137,32 @@ def render_metrics(status: Status) -> str:
 def _one(value: float | int | None) -> list[tuple[dict[str, str], float]]:
     """A single unlabelled sample, or none when the value is unknown."""
     return [] if value is None else [({}, float(value))]
+
+
+#: The change feed hub's figures (FeedHub.figures): (key, metric, kind, help).
+_FEED_FIGURES = [
+    (
+        "subscribers",
+        "replicator_feed_subscribers",
+        "gauge",
+        "Live /relay/changes subscribers (SSE streams, long-polls)",
+    ),
+    ("agents_followed", "replicator_feed_agents_followed", "gauge", "Agents with live feed subscribers"),
+    ("snapshots", "replicator_feed_snapshots_total", "counter", "Table snapshots served by /relay/changes"),
+    ("catch_up_reads", "replicator_feed_catch_up_reads_total", "counter", "Feed reads from a subscriber's offset"),
+    ("live_reads", "replicator_feed_live_reads_total", "counter", "Feed reads after an agent's commit (shared)"),
+    ("loop_reads", "replicator_feed_loop_reads_total", "counter", "Of those, small enough to run on the event loop"),
+    ("units_delivered", "replicator_feed_units_delivered_total", "counter", "Transactions sent to live subscribers"),
+    ("must_refetch", "replicator_feed_must_refetch_total", "counter", "must-refetch answers"),
+    ("refused", "replicator_feed_refused_total", "counter", "Subscribers refused at --feed-max-subscribers"),
+]
+
+
+def _feed_metrics(status: Status, metric: _Metric) -> None:
+    if status.feed is None:
+        return
+    for key, name, kind, help_text in _FEED_FIGURES:
+        metric(name, kind, help_text, [({}, float(status.feed.get(key, 0)))])
 
 
 def _stream_metrics(status: Status, metric: _Metric) -> None:

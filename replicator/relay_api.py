@@ -2,15 +2,17 @@
 
 Routes only; their parts live beside it: request bodies (api_models), who is
 calling (auth_backend), the body size limit (body_limit), relay writes
-(relay_writer) and the status view (status, metrics). Writes from HTTP-only
-agents (`/relay/immediate`, `/relay/batch`) are put on the same JetStream
-stream as every agent's change records and answered once JetStream has them
-(202 with the stream sequence); the consumer applies them like everything
-else; a write that names no agent is attributed by `relay_writer.attribute`
-(never dropped). Operators request resyncs (resync.py), retry or discard dead
-letters (consumer.py) and take online backups (backup.py) here too. Errors are
-JSON `{"error": code, "message": text}` with a stable code; bad input never
-produces a bare 500.
+(relay_writer), the change feed (feed_hub) and the status view (status,
+metrics). Writes from HTTP-only agents (`/relay/immediate`, `/relay/batch`)
+are put on the same JetStream stream as every agent's change records and
+answered once JetStream has them (202 with the stream sequence); the consumer
+applies them like everything else; a write that names no agent is attributed
+by `relay_writer.attribute` (never dropped). `/relay/changes` serves one agent
+table's change feed (snapshot, then changes after an offset; JSON long-poll or
+Server-Sent Events). Operators request resyncs (resync.py), retry or discard
+dead letters (consumer.py) and take online backups (backup.py) here too.
+Errors are JSON `{"error": code, "message": text}` with a stable code; bad
+input never produces a bare 500.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from .errors import (
     UnknownAgent,
     error_body,
 )
+from .feed_hub import feed_response, parse_request
 from .metrics import render_metrics
 from .relay_writer import Attribution, Planned, attribute
 from .resync import ResyncCoordinator
@@ -220,6 +223,40 @@ def create_app(service: ReplicatorService) -> FastAPI:
             max_rows=body.max_rows,
         )
         return Response(answer, media_type="application/json")
+
+    @app.get("/relay/changes", tags=["feed"], response_class=Response)
+    async def relay_changes(
+        agent: str | None = None,
+        table: str | None = None,
+        offset: str | None = None,
+        live: str | None = None,
+        timeout_ms: str | None = None,
+        last_event_id: str | None = Header(None, max_length=200),
+        accept: str | None = Header(None),
+        _who: Principal | None = Depends(principal),
+    ) -> Response:
+        """One agent table's change feed: a snapshot (no `offset`), or the changes after `offset`.
+
+        JSON (default): an array of feed messages; `live=true` waits up to `timeout_ms` (default 20000, at most
+        60000) for a change once caught up; must-refetch is a 409. `Accept: text/event-stream`: the same
+        messages as Server-Sent Events; with `live=true` the stream stays open. Any authenticated caller may read
+        any agent's `always` tables: 404 `unknown_agent` / `unknown_table`, 403 `table_not_visible` (on_demand),
+        400 `invalid_offset`, 503 `too_many_subscribers`.
+        """
+        hub = service.feed_hub
+        if hub is None or service.store is None:
+            raise NatsUnavailable("the HTPC is still starting; retry in a moment")
+        request = parse_request(
+            service.store.view,
+            agent=agent,
+            table=table,
+            offset=offset,
+            live=live,
+            timeout_ms=timeout_ms,
+            last_event_id=last_event_id,
+            accept=accept,
+        )
+        return await feed_response(hub, request)
 
     @app.get("/relay/info", tags=["info"])
     async def relay_info(request: Request) -> dict[str, Any]:

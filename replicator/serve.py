@@ -15,7 +15,7 @@ import errno
 import os
 import signal
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import uvicorn
@@ -78,6 +78,15 @@ def bind_http(host: str, port: int) -> list[socket.socket]:
 
 class _Server(uvicorn.Server):
     # We handle SIGTERM/SIGINT ourselves so that the service drains after uvicorn stops.
+    #: Called first when uvicorn starts shutting down: it then waits for every open response (live change feed
+    #: streams never end by themselves), and the app is told nothing else.
+    on_shutdown: Callable[[], None] | None = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.on_shutdown is not None:
+            self.on_shutdown()
+        await super().shutdown(sockets)
+
     def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
         return contextlib.nullcontext()
 
@@ -121,6 +130,7 @@ async def serve(settings: Settings) -> None:
             backlog=limits.backlog,
         )
         server = _Server(config)
+        server.on_shutdown = service.end_streams
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))

@@ -2,10 +2,12 @@
 
 Start: embedded nats-server (unless an external URL is given), the NATS
 connection, the stream (`start_nats`), the central store and the dead-letter
-store (`open_store`), the consumer, the query engine. `replicator rebuild`
-uses the same wiring with its own consumer (`start_nats`, `open_store`,
-`new_consumer`). The resync coordinator (resync.py) starts just before the
-consumer, which reports to it. Stop: the consumer finishes the batch in hand
+store (`open_store`), the consumer (which wakes the change feed hub after its
+commits), the query engine. `replicator rebuild` uses the same wiring with its
+own consumer (`start_nats`, `open_store`, `new_consumer`). The resync
+coordinator (resync.py) starts just before the consumer, which reports to it.
+Stop: open change feed streams end (`end_streams`, also called as soon as the
+HTTP server starts shutting down), the consumer finishes the batch in hand
 (commit, then ack), the coordinator stops, then the connection drains, then
 the embedded server stops.
 """
@@ -40,6 +42,7 @@ from .consumer import Consumer
 from .dead_letters import DeadLetterStore
 from .embedded_nats import EmbeddedNats
 from .errors import NatsUnavailable, StreamMisconfigured
+from .feed_hub import FeedHub
 from .query_engine import QueryEngine
 from .relay_writer import RelayWriter
 from .resync import ResyncCoordinator
@@ -90,6 +93,7 @@ class ReplicatorService:
         self.stream_watch: StreamWatch | None = None
         self.snapshots: Snapshots | None = None
         self.resync: ResyncCoordinator | None = None
+        self.feed_hub: FeedHub | None = None
         self.stream_replicas: int | None = None
         self.relay_writer = RelayWriter(
             lambda: self.store.view if self.store is not None else None,
@@ -177,6 +181,8 @@ class ReplicatorService:
             self._auth_watch = asyncio.create_task(self._watch_auth(), name="auth-reload")
         store, _dead_letters = self.open_store()
         self.consumer = self.new_consumer(s.durable)
+        self.feed_hub = FeedHub(lambda: store.view, store.path_for, max_subscribers=s.feed_max_subscribers)
+        self.consumer.on_committed = self.feed_hub.committed  # live subscribers wake on their agent's commits
         # Before the consumer runs: it reports to the coordinator from its first batch on.
         self.resync = ResyncCoordinator(self.data.recovery_db, store, self.consumer, lambda: self.nc)
         self.resync.start()
@@ -286,9 +292,16 @@ class ReplicatorService:
             return None
         return None if text == "0.0.0-unknown" else text
 
+    def end_streams(self) -> None:
+        """End the open change feed streams now: the HTTP server waits for open responses before it stops."""
+        if self.feed_hub is not None:
+            self.feed_hub.end_streams()
+
     async def stop(self) -> None:
         if self._auth_watch is not None:
             self._auth_watch.cancel()
+        if self.feed_hub is not None:
+            await self.feed_hub.close()
         for task in (self.snapshots, self.stream_watch):
             if task is not None:
                 await task.stop()

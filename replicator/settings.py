@@ -44,6 +44,8 @@ class Settings(BaseModel):
     http_request_timeout_s: float = Field(10.0, gt=0)  # a client must send its headers and body within this
     http_max_header_bytes: int = Field(16 * KIB, ge=KIB)  # request line + headers
     http_max_connections: int = Field(900, ge=10)  # open HTTP connections at once
+    # live /relay/changes subscribers (SSE streams, long-polls); each is also one of http_max_connections
+    feed_max_subscribers: int = Field(600, ge=1)
     # Recovery and bounded disk (README "Operations": runbook, retention, snapshots, backup).
     stream_max_age_s: float = Field(7 * 86_400.0, ge=0)  # AGENT_CHANGES keeps a message this long (0: for ever)
     stream_max_bytes: int = Field(-1, ge=-1)  # AGENT_CHANGES holds at most this many bytes (-1: no bound)

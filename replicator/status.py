@@ -155,6 +155,7 @@ class Status:
     stuck_after: float = STUCK_AFTER_S  # behind and not moving this long is a problem
     resyncs: ResyncCounts | None = None  # None: no resync coordinator
     resyncs_pending: tuple[Mapping[str, Any], ...] = ()  # the coordinator's pending requests
+    feed: Mapping[str, Any] | None = None  # the change feed hub's figures (FeedHub.figures); None: no hub
     now: float = field(default_factory=time.time)
 
     @cached_property
@@ -357,4 +358,5 @@ def service_status(service: ReplicatorService) -> Status:
         stuck_after=watch.stuck_after if watch is not None else STUCK_AFTER_S,
         resyncs=resyncs,
         resyncs_pending=resyncs_pending,
+        feed=service.feed_hub.figures() if service.feed_hub is not None else None,
     )
