@@ -37,6 +37,7 @@ from .change_record import (
     decode_values,
     encode_record,
     encode_value,
+    encode_values,
     msg_id,
     relay_msg_id,
     sqlite_text,
@@ -47,7 +48,9 @@ from .errors import (
     AgentStorageError,
     ConstraintViolation,
     CredentialsError,
+    FeedError,
     FlushTimeout,
+    FollowError,
     HTPCUnavailable,
     InvalidAgentId,
     InvalidIdentifier,
@@ -68,6 +71,7 @@ from .errors import (
     TableTooWide,
     UnknownTable,
 )
+from .follower import MAX_FOLLOWED_AGENTS
 from .identifiers import is_valid_identifier, quote_identifier
 from .migration import Migration
 from .nats_link import reconnecting_options
@@ -85,6 +89,7 @@ from .subjects import (
     relay_subject_agent,
     subject_agent,
 )
+from .subscription import FeedSubscription
 from .visibility import Visibility
 
 __version__ = "0.1.0"
@@ -95,6 +100,7 @@ __all__ = [
     "DUPLICATE_WINDOW_S",
     "INT64_MAX",
     "INT64_MIN",
+    "MAX_FOLLOWED_AGENTS",
     "RECORD_VERSION",
     "RELAY_SUBJECTS",
     "REPLICATOR_INBOX",
@@ -108,11 +114,14 @@ __all__ = [
     "ChangeRecord",
     "ConstraintViolation",
     "CredentialsError",
+    "FeedError",
     "FeedEvent",
     "FeedOffset",
     "FeedProtocolError",
     "FeedSchema",
+    "FeedSubscription",
     "FlushTimeout",
+    "FollowError",
     "HTPCUnavailable",
     "InvalidAgentId",
     "InvalidIdentifier",
@@ -154,6 +163,7 @@ __all__ = [
     "encode_feed_message",
     "encode_record",
     "encode_value",
+    "encode_values",
     "ensure_stream",
     "is_valid_agent_id",
     "is_valid_identifier",

@@ -27,8 +27,18 @@ from . import catalog, change_log, disk_space, migration, resync, schema_change
 from ._sqlite_thread import SQLiteThread
 from .agent_id import validate_agent_id
 from .credentials import read_seed
-from .errors import AgentStorageError, FlushTimeout, HTPCUnavailable, InvalidRow, NetworkQueryError, StorageClosed
-from .local_store import LocalStore, reader_connection, translate_sqlite_error
+from .errors import (
+    AgentStorageError,
+    FeedError,
+    FlushTimeout,
+    FollowError,
+    HTPCUnavailable,
+    InvalidRow,
+    NetworkQueryError,
+    StorageClosed,
+)
+from .follower import Followers, attach_followed, follow_dir
+from .local_store import IDLE_THREAD_EXIT_S, LocalStore, connect, translate_sqlite_error
 from .migration import Migration, apply_migrations, check_migrations
 from .nats_link import NatsLink
 from .publisher import Publisher
@@ -36,6 +46,7 @@ from .query_responder import QueryResponder
 from .row_writer import RowId, RowWriter, is_mapping
 from .schema_watch import SchemaWatch
 from .subjects import agent_inbox_prefix
+from .subscription import FEED_READ_TIMEOUT_S, FeedSubscription, probe_feed
 from .visibility import Visibility, parse_visibility
 
 log = logging.getLogger("agent_client")
@@ -134,6 +145,10 @@ class AgentStorage:
         self._http_timeout = http_timeout
         self._http: httpx.AsyncClient | None = None
         self._reader: SQLiteThread | None = None
+        self._feed_http: httpx.AsyncClient | None = None
+        #: follower copies of other agents' tables (follower.py): `<data_dir>/<agent_id>.follow/`
+        self.follow_dir = follow_dir(self.data_dir, self.agent_id)
+        self._followers = Followers(self.agent_id, self.follow_dir, self._subscribe_from if self.htpc_url else None)
         self._opened = False
         self._closed = False
 
@@ -150,7 +165,7 @@ class AgentStorage:
         await self._store.write(catalog.resync_schema)
         # query_local & co. read on a thread of their own (a query can be long: it must never hold the loop);
         # the connection and its thread appear at the first read, and the thread ends again while idle.
-        self._reader = reader_connection(self.db_path)
+        self._reader = self._reader_connection()
         self._schema_watch = SchemaWatch(self._store, self._reader)
         await self._schema_watch.start()
         if self.replicate:
@@ -167,6 +182,10 @@ class AgentStorage:
             await self._publisher.start()
             self._link.on_first_connect(self._responder.subscribe)
             self._link.start()
+        # declared follows come back: their copies are attached to the reader and fed again
+        await self._followers.restore()
+        if self._followers.attachments():
+            await self._attach_followed()
         self._opened = True
         log.info("agent %s opened %s (epoch %s)", self.agent_id, self.db_path, self.epoch)
         return self
@@ -184,6 +203,10 @@ class AgentStorage:
         if self._closed:
             return
         self._closed = True
+        await self._followers.close()
+        if self._feed_http is not None:
+            with contextlib.suppress(Exception):
+                await self._feed_http.aclose()
         if self._schema_watch is not None:
             await self._schema_watch.close()
         if self._publisher is not None:
@@ -195,6 +218,30 @@ class AgentStorage:
             with contextlib.suppress(Exception):
                 await self._reader.close()
         await self._store.close()
+
+    def _reader_connection(self) -> SQLiteThread:
+        """The reader (query_local & co.): like `local_store.reader_connection`, with the follower files
+        attached read-only under the followed agents' ids. Nothing exists before the first call."""
+        db_path, followers = self.db_path, self._followers
+
+        def connect_reader() -> sqlite3.Connection:
+            conn = connect(db_path, check_same_thread=False, setup=False)
+            try:
+                for name, why in attach_followed(conn, followers.attachments()).items():
+                    log.warning("follower copy of %s not readable: %s", name, why)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        return SQLiteThread(
+            connect_reader, name=f"sqlite:{db_path.name}", idle_exit_s=IDLE_THREAD_EXIT_S
+        ).lazy_connection()
+
+    async def _attach_followed(self) -> dict[str, str]:
+        """Bring the reader's attached follower files in line with the follows (after follow/unfollow)."""
+        wanted = self._followers.attachments()
+        return await self._read(lambda c: attach_followed(c, wanted))
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` on the reader connection (its own thread; never waits for the writer)."""
@@ -378,6 +425,97 @@ class AgentStorage:
             )
         return body  # type: ignore[no-any-return]
 
+    # ------------------------------------------------------------------ change feeds and follower copies
+    def _feed_client(self) -> httpx.AsyncClient:
+        if self._feed_http is None:
+            headers = {"Authorization": f"Bearer {self._htpc_token}"} if self._htpc_token else {}
+            self._feed_http = httpx.AsyncClient(
+                headers=headers,
+                verify=self._htpc_verify,
+                timeout=httpx.Timeout(self._http_timeout, read=FEED_READ_TIMEOUT_S),
+                # one connection per live stream: no pool bound (a pool limit would queue streams behind others)
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=16),
+            )
+        return self._feed_http
+
+    def _subscribe_from(self, agent_id: str, table: str, offset: str | None) -> FeedSubscription:
+        assert self.htpc_url is not None
+        return FeedSubscription(
+            self._feed_client(), self.htpc_url, agent_id, table, offset=offset, connect_timeout=self._http_timeout
+        )
+
+    def subscribe(self, agent_id: str, table: str, *, offset: str | None = None, live: bool = True) -> FeedSubscription:
+        """Another agent's `always` table as a live async iterator of `FeedSchema`, `Change`, `UpToDate` and
+        `MustRefetch` events (`GET /relay/changes` over Server-Sent Events; see subscription.py).
+
+        Without `offset` it starts with a snapshot (the schema, every row as an insert, then up-to-date); with
+        one (an `UpToDate.offset` or the `offset` of a change with `last`), with the changes after it. It
+        reconnects by itself and resumes without losing or repeating a change; `MustRefetch` means "start
+        over": a new snapshot follows on its own. `live=False` ends after the first up-to-date. A refusal
+        raises `FeedError` (e.g. code `table_not_visible` for an `on_demand` table). `aclose()` stops it.
+        """
+        self._check_open()
+        if not self.htpc_url:
+            raise FeedError("subscribe() needs the HTPC's URL: AgentStorage(..., htpc_url=...)", code="no_htpc_url")
+        return FeedSubscription(
+            self._feed_client(),
+            self.htpc_url,
+            agent_id,
+            table,
+            offset=offset,
+            live=live,
+            connect_timeout=self._http_timeout,
+        )
+
+    async def follow(self, agent_id: str, tables: Sequence[str]) -> None:
+        """Keep a local, read-only follower copy of another agent's `always` tables, readable in query_local
+        as `"<agent_id>".<table>` (joins with this agent's tables work).
+
+        The copy is fed by the change feed in the background, each remote transaction applied atomically with
+        its offset; it survives restarts (the follow is declared in the follower file and restored by `open()`),
+        answers from its last state while the HTPC is down, and refills itself on must-refetch. It lives in
+        `<data_dir>/<agent_id>.follow/`, never in this agent's database, so it is never published. At most 9
+        agents can be followed. Raises FollowError (itself, a 10th agent, no htpc_url, a bad name) or FeedError
+        when the HTPC refuses a table (e.g. `table_not_visible`); an unreachable HTPC does not stop the follow.
+        """
+        self._check_open()
+        agent_id = validate_agent_id(agent_id)
+        if not self.htpc_url:
+            raise FollowError("follow() needs the HTPC's URL: AgentStorage(..., htpc_url=...)")
+        names = self._followers.check(agent_id, tables)
+        for table in names:
+            await probe_feed(self._feed_client(), self.htpc_url, agent_id, table, timeout=self._http_timeout)
+        await self._followers.follow(agent_id, names)
+        failed = await self._attach_followed()
+        if agent_id in failed:
+            raise FollowError(failed[agent_id])
+
+    async def unfollow(self, agent_id: str, tables: Sequence[str] | None = None) -> None:
+        """Stop following `tables` of `agent_id` (all of them by default) and delete their local copy."""
+        self._check_open()
+        agent_id = validate_agent_id(agent_id)
+        if isinstance(tables, str):
+            raise FollowError("tables must be a list of table names, not one string")
+        if await self._followers.unfollow(agent_id, tables):
+            await self._attach_followed()
+            await self._followers.forget_file(agent_id)
+
+    @property
+    def on_follow_applied(self) -> Callable[[str, str, str], None] | None:
+        """A hook called `(agent_id, table, offset)` on the event loop right after a follower copy committed a
+        new offset (its data is then visible to query_local). Keep it short: it runs on the loop."""
+        return self._followers.on_applied
+
+    @on_follow_applied.setter
+    def on_follow_applied(self, hook: Callable[[str, str, str], None] | None) -> None:
+        self._followers.on_applied = hook
+
+    async def wait_followed(self, agent_id: str, table: str, offset: str, timeout: float = 10.0) -> bool:
+        """Wait until the follower copy of `agent_id.table` is at `offset` (e.g. an `UpToDate.offset` seen by a
+        subscriber); False after `timeout` seconds."""
+        self._check_open()
+        return await self._followers.wait_applied(agent_id, table, offset, timeout)
+
     # ------------------------------------------------------------------ replication state
     @property
     def acked_seq(self) -> int | None:
@@ -406,8 +544,8 @@ class AgentStorage:
         self._check_open()
         local: dict[str, Any] = {"path": str(self.db_path)}
         try:
-            mode = await self._read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
-            ok = await self._read(lambda c: c.execute("PRAGMA quick_check(1)").fetchone()[0])
+            mode = await self._read(lambda c: c.execute("PRAGMA main.journal_mode").fetchone()[0])
+            ok = await self._read(lambda c: c.execute("PRAGMA main.quick_check(1)").fetchone()[0])
             local.update(ok=ok == "ok", journal_mode=mode)
         except sqlite3.Error as exc:
             local.update(ok=False, error=str(exc))
@@ -466,5 +604,7 @@ class AgentStorage:
             "last_msg_id_collision": pub.last_msg_id_collision if pub else None,
             "tables": by_vis,
             "unreplicated_tables": by_vis["on_demand"] + by_vis["private"],
+            # follower copies of other agents' tables: offset, rows, seconds behind (0 while live), state
+            "follows": self._followers.health(),
             "checked_at": time.time(),
         }

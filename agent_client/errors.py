@@ -108,3 +108,20 @@ class InvalidResyncRequest(AgentStorageError, ValueError):
 
 class CredentialsError(AgentStorageError):
     """The agent's NATS or HTPC credentials could not be read."""
+
+
+class FeedError(AgentStorageError):
+    """The HTPC refused a change feed request, or the feed cannot be reached as configured.
+
+    `status` is the HTTP status (None when no request was made, e.g. no `htpc_url`) and `code` the relay API's
+    stable error code (`table_not_visible`, `unknown_table`, `unknown_agent`, `invalid_agent_id`, ...).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class FollowError(AgentStorageError):
+    """A follow() or unfollow() the agent cannot do (itself, too many followed agents, no htpc_url, a bad name)."""
