@@ -5,6 +5,7 @@
   .lock                     one process (serve or rebuild) owns the directory
   agents/<agent_id>.db      each agent's central copy (central_store)
   dead_letters.db           records that could not be applied (dead_letters)
+  network.db                every agent's rows of the tables queried as "*".t (network_store; derived)
   nats/                     the embedded nats-server: JetStream store, config, remembered port
   auth/                     keys and token digests (`replicator auth`)
   relay-id.key              the secret keying relay writes' message ids (32 random bytes, mode 0600)
@@ -63,6 +64,11 @@ class DataDir:
     @property
     def dead_letters_db(self) -> Path:
         return self.root / "dead_letters.db"
+
+    @property
+    def network_db(self) -> Path:
+        """The network store (derived from the agents' feeds, rebuildable: never in backups or snapshots)."""
+        return self.root / "network.db"
 
     @property
     def nats(self) -> Path:

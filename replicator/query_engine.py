@@ -25,6 +25,13 @@ the loop spends at most the budget plus one step on values of at most the
 inline size on a query, however hostile; a query text that went past the
 budget (on its thread too) goes to a thread directly for a few seconds.
 
+`"*".table` is that table across every agent (its `always` tables only), with
+the owner's id as a first column `agent_id`: it is read from the network store
+(network_store.py, ATTACHed as `"*"`), brought up to every agent's committed
+state at the query's start first. A query may name any number of agents: past
+what SQLite can attach (MAX_ATTACHED), the other agents' tables are read from
+the network store too (`"a".t` becomes a subquery of `"*".t` on `agent_id`).
+
 Another agent's schema (sqlite_master) and every internal `_cr_*` table stay
 unreadable.
 """
@@ -57,6 +64,7 @@ from agent_client import (
     QueryTimeout,
     is_valid_agent_id,
     query_subject,
+    quote_identifier,
     run_read_only,
 )
 
@@ -71,9 +79,12 @@ from .errors import (
     ReplicatorError,
     TooManyQueries,
 )
+from .network_store import NetworkStore, NetworkStoreError, network_columns, unknown_table
 from .store_view import StoreView
 
 MAX_ATTACHED = 9  # SQLite's default limit is 10 attached databases
+#: The schema name of the network store in queries: `"*".t` is every agent's `t`.
+NETWORK_SCHEMA = "*"
 BUSY_TIMEOUT_MS = 2000  # how long a query thread waits on a lock (never the event loop: it does not wait)
 OVERRUN_GRACE_S = 0.5  # how long past its bound a query may take before it is answered 408 regardless
 log = logging.getLogger("replicator.query")
@@ -107,6 +118,129 @@ def _tokens(sql: str) -> list[tuple[str, str]]:
             kind = "ident"
         out.append((kind, text))
     return out
+
+
+def _spans(sql: str) -> list[tuple[str, str, int, int]]:
+    """Like `_tokens`, with each token's span in `sql` (to rewrite it)."""
+    out: list[tuple[str, str, int, int]] = []
+    for m in _TOKEN_RE.finditer(sql):
+        kind = m.lastgroup or "punct"
+        text = m.group()
+        if kind in ("ws", "comment"):
+            continue
+        if kind == "qident":
+            quote = text[0]
+            inner = text[1:-1] if len(text) > 1 else ""
+            text = inner.replace(quote * 2, quote) if quote in '"`' else inner
+            kind = "ident"
+        out.append((kind, text, m.start(), m.end()))
+    return out
+
+
+#: Words that may follow a table in a FROM clause and are not an alias of it.
+_NOT_ALIAS = frozenset(
+    {
+        "ON",
+        "USING",
+        "WHERE",
+        "GROUP",
+        "ORDER",
+        "LIMIT",
+        "HAVING",
+        "WINDOW",
+        "UNION",
+        "INTERSECT",
+        "EXCEPT",
+        "JOIN",
+        "LEFT",
+        "RIGHT",
+        "FULL",
+        "INNER",
+        "CROSS",
+        "NATURAL",
+        "OUTER",
+        "INDEXED",
+        "NOT",
+        "RETURNING",
+    }
+)
+
+
+def _internal(name: str) -> bool:
+    return name.lower() in _SCHEMA_TABLES or name.startswith("_cr_")
+
+
+def rewrite_overflow(sql: str, own: str, overflow: frozenset[str], view: StoreView) -> tuple[str, set[str]]:
+    """`sql` with the tables of the agents in `overflow` read from the network store, and `"<own>".t` read as
+    `main.t`; also the network tables it now reads.
+
+    `"a".t` in a FROM clause becomes `(SELECT <a's columns of t> FROM "*".t WHERE agent_id = 'a') AS t` (the
+    query's own alias kept when it gives one), and a column reference `"a".t.c` becomes `t.c` (a distinct
+    alias when several of those agents' tables share a name). Names an agent has no `always` table of are left
+    as they are (SQLite then says what is wrong with them).
+    """
+    toks = _spans(sql)
+    q = quote_identifier
+    names: dict[str, set[str]] = {}
+    for i, (kind, text, _s, _e) in enumerate(toks[:-2]):
+        if kind == "ident" and text in overflow and toks[i + 1][1] == "." and toks[i + 2][0] == "ident":
+            names.setdefault(toks[i + 2][1].lower(), set()).add(text)
+
+    def alias(schema: str, name: str) -> str:
+        return q(name if len(names.get(name.lower(), ())) <= 1 else f"{schema}.{name}")
+
+    out: list[str] = []
+    pos = 0
+    tables: set[str] = set()
+    i = 0
+    while i < len(toks):
+        kind, text, start, end = toks[i]
+        qualified = (
+            kind == "ident"
+            and i + 2 < len(toks)
+            and toks[i + 1][:2] == ("punct", ".")
+            and toks[i + 2][0] == "ident"
+            and not (i > 0 and toks[i - 1][:2] == ("punct", "."))
+        )
+        if not qualified or (text != own and text not in overflow):
+            i += 1
+            continue
+        name = toks[i + 2][1]
+        if text == own:
+            out += [sql[pos:start], "main"]
+            pos = end
+            i += 3
+            continue
+        if _internal(name):
+            raise _query_error(
+                QueryError(f"not allowed in a read-only query: read of {text}.{name}"), "query_not_allowed"
+            )
+        columns = network_columns(view, name.lower(), text)
+        if columns is None:
+            i += 3
+            continue
+        column_ref = i + 4 < len(toks) and toks[i + 3][:2] == ("punct", ".") and toks[i + 4][0] == "ident"
+        if column_ref:
+            out += [sql[pos:start], alias(text, name), "."]
+            pos = toks[i + 3][3]
+            i += 4
+            continue
+        if any(c.lower() == "agent_id" for c in columns):
+            raise BadRequest(
+                f"{text}.{name} has a column named agent_id, which the network store gives the owner's id: "
+                f"name at most {MAX_ATTACHED} agents in a query that reads it"
+            )
+        own_alias = i + 3 < len(toks) and toks[i + 3][0] == "ident" and toks[i + 3][1].upper() not in _NOT_ALIAS
+        sub = (
+            f"(SELECT {', '.join(map(q, columns))} FROM {q(NETWORK_SCHEMA)}.{q(name.lower())} "
+            f"WHERE agent_id = '{text}')"
+        )
+        out += [sql[pos:start], sub if own_alias else f"{sub} AS {alias(text, name)}"]
+        pos = toks[i + 2][3]
+        tables.add(name.lower())
+        i += 3
+    out.append(sql[pos:])
+    return "".join(out), tables
 
 
 def table_references(sql: str) -> tuple[set[str], set[tuple[str | None, str]]]:
@@ -395,6 +529,7 @@ class QueryEngine:
         self.inline_answered = 0  # queries answered on the event loop
         self.inline_rerun = 0  # queries tried there and run again on a query thread
         self._slow: OrderedDict[str, float] = OrderedDict()  # query text past the inline budget -> until when
+        self._network: NetworkStore | None = None  # opened by the first query that reads `"*"`
         self._inline_limits = (
             _Limits(
                 min(max_value_read_bytes, inline.max_value_bytes),
@@ -466,10 +601,13 @@ class QueryEngine:
                     raise Forbidden(f"agent {forward_to} does not share its on_demand tables with {agent_id}")
                 return await self._forward(forward_to, sql, params, timeout_ms, max_rows)
 
-            # The asking agent's own id is attached too: `"me".t` must mean the same as `t` (same file, read-only).
-            attach = {s: self.store.path_for(s) for s in schemas if s in known}
-            if len(attach) > MAX_ATTACHED:
-                raise BadRequest(f"a query may name at most {MAX_ATTACHED} other agents")
+            sql, attach, network_tables = self._plan(agent_id, sql, schemas, refs, view)
+            unknown: set[str] = set()
+            if network_tables:
+                began = time.monotonic()
+                unknown = await self.network().ensure(view, network_tables, timeout_ms / 1000)
+                spent_ms = int((time.monotonic() - began) * 1000)
+                timeout_ms = max(1, timeout_ms - spent_ms)  # the query's time bound covers the catch-up too
             main_path = self.store.path_for(agent_id) if agent_id in known else None
             consumer = self.consumer
 
@@ -509,6 +647,8 @@ class QueryEngine:
                 )
                 return answer_json
             except QueryError as exc:
+                if unknown and "no such table" in str(exc):
+                    raise unknown_table(unknown) from None
                 raise _query_error(exc) from None
             except sqlite3.Error as exc:
                 raise BadRequest(f"query failed: {exc}") from None
@@ -518,6 +658,46 @@ class QueryEngine:
         finally:
             if release_here:
                 self._release(who)
+
+    def network(self) -> NetworkStore:
+        """The network store (`"*".t`), opened on first use."""
+        if self._network is None:
+            try:
+                self._network = NetworkStore(self.store.data_dir.network_db)
+            except (sqlite3.Error, OSError) as exc:
+                raise NetworkStoreError(f"the network store cannot be opened: {exc}") from exc
+        return self._network
+
+    def _plan(
+        self,
+        agent_id: str,
+        sql: str,
+        schemas: frozenset[str],
+        refs: frozenset[tuple[str | None, str]],
+        view: StoreView,
+    ) -> tuple[str, dict[str, Path], set[str]]:
+        """(the SQL to run, the databases to attach by schema name, the network tables it reads).
+
+        Every agent the query names is attached read-only (the asking agent's own id too: `"me".t` means `t`),
+        and the network store as `"*"` when the query reads it. Past MAX_ATTACHED, the asker's own id is read
+        as `main` and the agents that do not fit are read from the network store (rewrite_overflow).
+        """
+        known = view.agents
+        network_tables = {name.lower() for schema, name in refs if schema == NETWORK_SCHEMA and not _internal(name)}
+        uses_network = NETWORK_SCHEMA in schemas
+        named = sorted(s for s in schemas if s in known)
+        if len(named) + uses_network > MAX_ATTACHED:
+            others = [s for s in named if s != agent_id]
+            kept = others[: MAX_ATTACHED - 1]
+            overflow = frozenset(others[MAX_ATTACHED - 1 :])
+            sql, more = rewrite_overflow(sql, agent_id, overflow, view)
+            network_tables |= more
+            named = kept
+            uses_network = True
+        attach = {s: self.store.path_for(s) for s in named}
+        if uses_network:
+            attach[NETWORK_SCHEMA] = self.network().path
+        return sql, attach, network_tables
 
     def _try_inline(
         self,
@@ -694,6 +874,8 @@ class QueryEngine:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._pool.close()
+        if self._network is not None:
+            self._network.close()
 
 
 #: HTTP status of each query error code (the rest are 400).
