@@ -52,6 +52,9 @@ BENCHES: list[tuple[str, str, list[str]]] = [
     ("snapshot", "snapshot.py", ["--rows", "10000", "--repeat", "1"]),
     ("retention_disk", "retention_disk.py", ["--changes", "5000"]),
     ("resync", "resync.py", ["--rows", "5000"]),
+    # issue 12: live change feeds
+    ("feed_lag", "feed_lag.py", ["--seconds", "5"]),
+    ("feed_idle", "feed_idle.py", ["--idle-seconds", "5"]),
 ]
 
 
