@@ -72,7 +72,7 @@ from .errors import (
     UnknownTable,
 )
 from .follower import MAX_FOLLOWED_AGENTS
-from .identifiers import is_valid_identifier, quote_identifier
+from .identifiers import is_valid_identifier, quote_identifier, safe_declared_type
 from .migration import Migration
 from .nats_link import reconnecting_options
 from .read_only_query import QueryConnection, QueryResult, run_read_only
@@ -176,6 +176,7 @@ __all__ = [
     "relay_subject",
     "relay_subject_agent",
     "run_read_only",
+    "safe_declared_type",
     "split_statements",
     "sqlite_text",
     "sse_event",

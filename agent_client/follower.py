@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import re
 import sqlite3
 import time
 import urllib.parse
@@ -40,7 +39,7 @@ from .backoff import Backoff
 from .change_feed import Change, FeedProtocolError, FeedSchema, UpToDate
 from .change_record import InvalidText, SQLiteValue, sqlite_text
 from .errors import FeedError, FollowError
-from .identifiers import is_valid_identifier, quote_identifier
+from .identifiers import is_valid_identifier, quote_identifier, safe_declared_type
 from .subscription import FeedSubscription
 
 log = logging.getLogger("agent_client.follower")
@@ -60,7 +59,6 @@ UP_TO_DATE_WRITE_S = 60.0
 REFUSED_BACKOFF = (5.0, 120.0)
 IDLE_THREAD_EXIT_S = 2.0
 _STAGE = "_cr_stage_"
-_TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_ ]{0,40}(\(\s*[+-]?\d{1,10}\s*(,\s*[+-]?\d{1,10}\s*)?\))?")
 _RESERVED_SCHEMAS = frozenset({"main", "temp"})
 _STAGED_SQL = "SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, 10) = '_cr_stage_'"
 
@@ -141,7 +139,7 @@ def _table_ddl(name: str, schema: FeedSchema) -> str:
     for col, decl in zip(schema.columns, schema.types, strict=True):
         if not is_valid_identifier(col):
             raise FeedProtocolError(f"schema of {schema.table}: invalid column name {col!r}")
-        typ = decl if decl and _TYPE_RE.fullmatch(decl) else ""
+        typ = safe_declared_type(decl)
         cols.append(f"{quote_identifier(col)} {typ}".rstrip())
     if schema.pk:
         if not set(schema.pk) <= set(schema.columns):

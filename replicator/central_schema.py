@@ -13,14 +13,13 @@ their own names:
 
 from __future__ import annotations
 
-import re
 import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from agent_client import quote_identifier
+from agent_client import quote_identifier, safe_declared_type
 
 STATE_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS _cr_state (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
@@ -35,7 +34,6 @@ STATE_SCHEMA = (
     " last_seq INTEGER NOT NULL, arrived_at REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS _cr_ahead_turn ON _cr_ahead (epoch, first_seq)",
 )
-_TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_ ]{0,40}(\(\s*[+-]?\d{1,10}\s*(,\s*[+-]?\d{1,10}\s*)?\))?")
 
 
 @dataclass(frozen=True)
@@ -49,12 +47,6 @@ class TableMeta:
     types: tuple[str, ...]
     pk: tuple[str, ...]
     sql: str | None
-
-
-def safe_type(decl: str) -> str:
-    """A declared column type fit to paste into DDL (a name and up to two numbers), or "" for none."""
-    decl = decl.strip()
-    return decl if decl and _TYPE_RE.fullmatch(decl) else ""
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
@@ -155,7 +147,7 @@ def oldest_ahead(conn: sqlite3.Connection) -> float | None:
 def agent_table_ddl(meta: TableMeta) -> str:
     """CREATE TABLE for a replicated table (declared types kept where they are safe to paste)."""
     q = quote_identifier
-    cols = ", ".join(f"{q(c)} {safe_type(t)}".rstrip() for c, t in zip(meta.columns, meta.types, strict=True))
+    cols = ", ".join(f"{q(c)} {safe_declared_type(t)}".rstrip() for c, t in zip(meta.columns, meta.types, strict=True))
     return f"CREATE TABLE {q(meta.name)} ({cols}, PRIMARY KEY ({', '.join(map(q, meta.pk))}))"
 
 

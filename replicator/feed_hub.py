@@ -67,6 +67,8 @@ _T = TypeVar("_T")
 
 #: Reader threads of the hub (catch-up reads, snapshots and the live reads of agents with subscribers).
 FEED_THREADS = 4
+#: Snapshots read and encoded at once (each is held whole in memory while built: about 3x the table's size).
+SNAPSHOTS_AT_ONCE = 2
 #: Units one read returns at most, and their log bytes (a unit is never split: at least one comes).
 READ_MAX_UNITS = 1000
 READ_MAX_BYTES = 4 << 20
@@ -534,7 +536,7 @@ class FeedHub:
         view: Callable[[], StoreView],
         path_for: Callable[[str], Path],
         *,
-        max_subscribers: int = 2000,
+        max_subscribers: int = 600,
         threads: int = FEED_THREADS,
     ) -> None:
         self._view = view
@@ -544,6 +546,8 @@ class FeedHub:
         self.stats = FeedStats()
         self._agents: dict[str, _AgentFeed] = {}
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="feed")
+        # Bounds the memory of snapshots being built, and leaves reader threads for live and catch-up reads.
+        self._snapshots = asyncio.Semaphore(SNAPSHOTS_AT_ONCE)
         self._closed = False
 
     # ------------------------------------------------------------------ reads
@@ -564,7 +568,8 @@ class FeedHub:
         """The table's rows and the offset they were read at (one read transaction), framed as a JSON array or
         as SSE events; read and encoded on a reader thread."""
         self.stats.snapshots += 1
-        return await self._on_thread(_snapshot, self._path_for(agent_id), table, sse)
+        async with self._snapshots:
+            return await self._on_thread(_snapshot, self._path_for(agent_id), table, sse)
 
     async def catch_up(
         self, agent_id: str, after: FeedOffset, table: str, *, max_units: int = READ_MAX_UNITS
@@ -871,9 +876,12 @@ async def _events(hub: FeedHub, req: FeedRequest) -> AsyncGenerator[bytes, None]
     try:
         if req.offset is None:
             snap = await hub.snapshot(req.agent_id, req.table, sse=True)
-            for chunk in snap.chunks:
-                yield chunk
             position = snap.offset
+            chunks = snap.chunks
+            del snap
+            chunks.reverse()
+            while chunks:  # each chunk is let go once sent: a live stream does not keep its snapshot
+                yield chunks.pop()
         else:
             position = req.offset
             while True:

@@ -50,6 +50,8 @@ from . import central_schema
 FEED_KEEP_UNITS = 10_000
 #: Most body bytes kept per agent (a quarter of the agent's quota when that is smaller).
 FEED_KEEP_BYTES = 16 * 1024 * 1024
+#: The newest units kept whatever their size (the byte bound gives way to them).
+FEED_KEEP_MIN_UNITS = 64
 #: A trim for the row bound leaves this many rows of room, so it runs at most every so many records.
 FEED_TRIM_SLACK = 256
 
@@ -205,6 +207,13 @@ def trim(conn: sqlite3.Connection, head: int, keep_rows: int, keep_bytes: int) -
     # Whole units only: up to the final row that closes the unit holding `cut`, never past the head.
     row = conn.execute("SELECT min(n) FROM _cr_feed WHERE n >= ? AND final = 1", (cut,)).fetchone()
     cut = min(int(row[0]) if row is not None and row[0] is not None else head, head)
+    # The newest FEED_KEEP_MIN_UNITS units always stay, however large: a subscriber that is caught up or nearly
+    # (all of them, usually) must never be sent to refetch by one big transaction; the byte bound overshoots.
+    row = conn.execute(
+        "SELECT n FROM _cr_feed WHERE final = 1 AND n <= ? ORDER BY n DESC LIMIT 1 OFFSET ?",
+        (head, FEED_KEEP_MIN_UNITS),
+    ).fetchone()
+    cut = min(cut, int(row[0]) if row is not None else 0)
     if cut <= 0:
         return None
     gone_rows, gone_bytes = conn.execute(

@@ -44,6 +44,9 @@ log = logging.getLogger("replicator.network")
 
 #: The owner column of every network table.
 OWNER_COLUMN = "agent_id"
+#: Agents' columns a network table cannot hold: the owner column, and the names of its rowid (a user column
+#: named so would shadow the rowid every write of the store addresses rows by). Hidden in `"*".t`.
+HIDDEN_COLUMNS = frozenset({OWNER_COLUMN, "rowid", "oid", "_rowid_"})
 #: Indexes on (agent_id, primary key) one network table gets at most (one per distinct key among its agents).
 PK_INDEXES = 4
 #: Read-only connections to agents' central files the writer keeps open (least recently used closed first).
@@ -412,7 +415,7 @@ class NetworkStore:
         except LookupError:
             return None
         self.refills += 1
-        columns = [c for c in snap.schema.columns if c.lower() != OWNER_COLUMN]
+        columns = [c for c in snap.schema.columns if c.lower() not in HIDDEN_COLUMNS]
         self._add_columns(conn, table, columns)
         self._key_index(conn, table, snap.schema.pk)
         base = int(conn.execute(f"SELECT coalesce(max(rowid), 0) FROM {quote_identifier(table.tbl)}").fetchone()[0])
@@ -445,7 +448,7 @@ class NetworkStore:
                     conn.execute(f"DELETE FROM {q(table.tbl)} WHERE rowid = ?", (found[0],))
                     conn.execute(f"DELETE FROM {table.keys} WHERE agent = ? AND key = ?", (agent_id, key))
                 continue
-            columns = tuple(c for c in change.row if c.lower() != OWNER_COLUMN)
+            columns = tuple(c for c in change.row if c.lower() not in HIDDEN_COLUMNS)
             self._add_columns(conn, table, columns)
             values = [_value(change.row[c]) for c in columns]
             casts = _text_casts(values)
@@ -500,7 +503,7 @@ class NetworkStore:
         """An index on (agent_id, the agent's primary key): `"a".t` read from here finds a row by its key (a join
         on it) as fast as in the agent's own file, and an agent's rows are found by agent_id. At most PK_INDEXES
         different ones per table (a query on agent_id still has the first one)."""
-        cols = tuple(c.lower() for c in pk if c.lower() != OWNER_COLUMN)
+        cols = tuple(c.lower() for c in pk if c.lower() not in HIDDEN_COLUMNS)
         if cols in table.pk_indexes or len(table.pk_indexes) >= PK_INDEXES:
             return
         q = quote_identifier

@@ -79,7 +79,7 @@ from .errors import (
     ReplicatorError,
     TooManyQueries,
 )
-from .network_store import NetworkStore, NetworkStoreError, network_columns, unknown_table
+from .network_store import HIDDEN_COLUMNS, NetworkStore, NetworkStoreError, network_columns, unknown_table
 from .store_view import StoreView
 
 MAX_ATTACHED = 9  # SQLite's default limit is 10 attached databases
@@ -105,23 +105,13 @@ _TOKEN_RE = re.compile(
 
 
 def _tokens(sql: str) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    for m in _TOKEN_RE.finditer(sql):
-        kind = m.lastgroup or "punct"
-        text = m.group()
-        if kind in ("ws", "comment"):
-            continue
-        if kind == "qident":
-            quote = text[0]
-            inner = text[1:-1] if len(text) > 1 else ""
-            text = inner.replace(quote * 2, quote) if quote in '"`' else inner
-            kind = "ident"
-        out.append((kind, text))
-    return out
+    return [(kind, text) for kind, text, _start, _end in _spans(sql)]
 
 
 def _spans(sql: str) -> list[tuple[str, str, int, int]]:
-    """Like `_tokens`, with each token's span in `sql` (to rewrite it)."""
+    """The tokens that matter (no whitespace, no comments) as (kind, text, start, end): quoted identifiers
+    unquoted as `ident`; a string literal where SQLite takes it as a name (next to a `.`, or right after FROM or
+    JOIN: `"*".'t'` reads table t) is an `ident` too."""
     out: list[tuple[str, str, int, int]] = []
     for m in _TOKEN_RE.finditer(sql):
         kind = m.lastgroup or "punct"
@@ -134,6 +124,17 @@ def _spans(sql: str) -> list[tuple[str, str, int, int]]:
             text = inner.replace(quote * 2, quote) if quote in '"`' else inner
             kind = "ident"
         out.append((kind, text, m.start(), m.end()))
+    for i, (kind, text, start, end) in enumerate(out):
+        if kind != "string":
+            continue
+        prev = out[i - 1][:2] if i else ("", "")
+        nxt = out[i + 1][:2] if i + 1 < len(out) else ("", "")
+        if (
+            prev == ("punct", ".")
+            or nxt == ("punct", ".")
+            or (prev[0] == "ident" and prev[1].upper() in ("FROM", "JOIN"))
+        ):
+            out[i] = ("ident", text[1:-1].replace("''", "'") if len(text) > 1 else "", start, end)
     return out
 
 
@@ -225,10 +226,11 @@ def rewrite_overflow(sql: str, own: str, overflow: frozenset[str], view: StoreVi
             pos = toks[i + 3][3]
             i += 4
             continue
-        if any(c.lower() == "agent_id" for c in columns):
+        hidden = sorted(c for c in columns if c.lower() in HIDDEN_COLUMNS)
+        if hidden:
             raise BadRequest(
-                f"{text}.{name} has a column named agent_id, which the network store gives the owner's id: "
-                f"name at most {MAX_ATTACHED} agents in a query that reads it"
+                f"{text}.{name} has a column named {hidden[0]}, which the network store cannot hold (agent_id is "
+                f"the owner's id there, rowid its row id): name at most {MAX_ATTACHED} agents in a query that reads it"
             )
         own_alias = i + 3 < len(toks) and toks[i + 3][0] == "ident" and toks[i + 3][1].upper() not in _NOT_ALIAS
         sub = (

@@ -383,6 +383,7 @@ def test_trimming_by_rows_keeps_whole_units_and_old_offsets_must_refetch(
 ) -> None:
     monkeypatch.setattr(central_store, "FEED_KEEP_UNITS", 40)
     monkeypatch.setattr(central_store, "FEED_TRIM_SLACK", 10)
+    monkeypatch.setattr(feed_log, "FEED_KEEP_MIN_UNITS", 4)
     seq = Seq()
     rep = created(store, seq)
     oldest = start(reader)
@@ -409,7 +410,8 @@ def test_trimming_by_rows_keeps_whole_units_and_old_offsets_must_refetch(
     )
 
 
-def test_trimming_by_bytes_under_a_quota(tmp_path: Path) -> None:
+def test_trimming_by_bytes_under_a_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(feed_log, "FEED_KEEP_MIN_UNITS", 4)
     s = CentralStore(DataDir(tmp_path), max_agent_bytes=400_000, max_record_bytes=64 * 1024)
     try:
         rep = s.replica(AGENT)
@@ -426,6 +428,35 @@ def test_trimming_by_bytes_under_a_quota(tmp_path: Path) -> None:
             floor = FeedOffset(str(rep.state.feed_id), rep.state.feed_floor)
             read = read_after(conn, floor, table="items")
             assert read.caught_up and all(c.op == "update" for u in read.units for c in u.changes)
+        finally:
+            conn.close()
+    finally:
+        s.close()
+
+
+def test_one_transaction_larger_than_the_byte_bound_never_trims_the_newest_units(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk transaction bigger than the whole byte bound must not send caught-up subscribers to refetch."""
+    monkeypatch.setattr(feed_log, "FEED_KEEP_MIN_UNITS", 3)
+    s = CentralStore(DataDir(tmp_path), max_agent_bytes=400_000, max_record_bytes=256 * 1024)
+    try:
+        rep = s.replica(AGENT)
+        seq = Seq()
+        apply(rep, seq.rec([("S", 0, [])]))
+        conn = sqlite3.connect(f"file:{rep.path}?mode=ro", uri=True, isolation_level=None)
+        try:
+            for i in range(6):
+                apply(rep, seq.rec([("U", 0, [i, "small", None])]))
+            before_big = start(conn)
+            apply(rep, seq.rec([("U", 0, [100 + j, "y" * 1_000, None]) for j in range(150)]))  # > 100 kB alone
+            read = read_after(conn, before_big, table="items")  # the subscriber just before it continues
+            assert read.caught_up and len(read.units) == 1 and len(read.units[0].changes) == 150
+            assert rep.state.feed_bytes > rep.feed_keep_bytes  # the bound gave way to the newest units
+            kept = conn.execute("SELECT count(*) FROM _cr_feed").fetchone()[0]
+            assert kept == 3  # the newest 3 units (the big one and 2 before it); older small ones trimmed
+            with pytest.raises(FeedGone, match="too old"):
+                read_after(conn, FeedOffset(before_big.feed_id, before_big.n - 4), table="items")
         finally:
             conn.close()
     finally:

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from agent_client import MigrationFailed, split_statements, upsert_sql
+from agent_client import MigrationFailed, safe_declared_type, split_statements, upsert_sql
 from agent_client.migration import _statements as migration_statements
 
 
@@ -88,3 +88,29 @@ def test_upsert_sql_runs_and_keeps_columns_not_given() -> None:
     conn.execute(upsert_sql("t", ["id", "a"], ["id"]), (1, "a2"))
     conn.execute(upsert_sql("t", ["id"], ["id"]), (1,))
     assert conn.execute("SELECT id, a, b FROM t").fetchall() == [(1, "a2", "b1")]
+
+
+@pytest.mark.parametrize(
+    ("decl", "kept"),
+    [
+        ("TEXT", "TEXT"),
+        ("unsigned big int", "unsigned big int"),
+        ("DECIMAL(10, 2)", "DECIMAL(10, 2)"),
+        ("TEXT UNIQUE", ""),
+        ("INT CHECK (0)", ""),
+        ("INT NOT NULL", ""),
+        ("TEXT DEFAULT x", ""),
+        ("INT PRIMARY KEY", ""),
+        ("TEXT COLLATE NOCASE", ""),
+        ("INT AS (1)", ""),
+        ("INT); DROP TABLE t; --", ""),
+    ],
+)
+def test_a_declared_type_from_another_party_is_never_a_constraint(decl: str, kept: str) -> None:
+    """Follower copies and central copies build DDL from a layout another process sent: a type with a constraint
+    in it (which would make the copy refuse or drop rows) is dropped to no declared type."""
+    assert safe_declared_type(decl) == kept
+    conn = sqlite3.connect(":memory:")
+    conn.execute(f'CREATE TABLE t ("a" {safe_declared_type(decl)}, "b")')
+    conn.executemany("INSERT INTO t VALUES (?, ?)", [(None, 1), (None, 1), (0, 2)])
+    assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 3
