@@ -37,7 +37,7 @@ import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .change_record import RESYNC_LAYOUT_ID, sqlite_text
+from .change_record import RESYNC_LAYOUT_ID, fetch_all_text
 from .errors import LocalDatabaseError
 from .identifiers import quote_identifier
 from .statements import split_statements
@@ -290,7 +290,7 @@ def read_log(
     conn.execute("BEGIN")
     try:
         cols = "".join(f", v{i}" for i in range(max(width(conn), 1)))
-        rows = _fetch_all(
+        rows = fetch_all_text(
             conn,
             f"SELECT seq, tx, layout, op, at{cols} FROM _cr_log "
             f"WHERE seq > ? AND tx < {_CLOCK_SQL} ORDER BY seq LIMIT ?",
@@ -300,25 +300,6 @@ def read_log(
     finally:
         conn.execute("COMMIT")
     return rows, has_open
-
-
-def _fetch_all(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[LogRow]:
-    """All rows, TEXT decoded by Python's own (fast) factory; read again with `sqlite_text` (InvalidText for TEXT
-    that is not UTF-8) only when a value needs it: the publisher's hot path keeps its speed."""
-    factory = conn.text_factory
-    conn.text_factory = str
-    try:
-        return conn.execute(sql, params).fetchall()
-    except sqlite3.OperationalError as exc:
-        if "Could not decode to UTF-8" not in str(exc):
-            raise
-    finally:
-        conn.text_factory = factory
-    conn.text_factory = sqlite_text
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.text_factory = factory
 
 
 def bounds(conn: sqlite3.Connection) -> tuple[int, int]:

@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import math
 import re
+import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -87,6 +88,25 @@ def sqlite_text(data: bytes) -> str | InvalidText:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return InvalidText(data)
+
+
+def fetch_all_text(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    """All rows of `sql`, TEXT decoded by Python's own (fast) factory; read again with `sqlite_text` (InvalidText
+    for TEXT that is not UTF-8) only when a value needs it, so a hot path keeps its speed."""
+    factory = conn.text_factory
+    conn.text_factory = str
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "Could not decode to UTF-8" not in str(exc):
+            raise
+    finally:
+        conn.text_factory = factory
+    conn.text_factory = sqlite_text
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.text_factory = factory
 
 
 class TableLayout(BaseModel):

@@ -16,8 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -38,6 +39,18 @@ if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
     signal.signal(signal.SIGTERM, _terminated)
 
 SCHEMA = [Migration(1, "CREATE TABLE events (id INTEGER PRIMARY KEY, kind TEXT, payload TEXT, score REAL)")]
+#: The columns of `events`, in the order `event_tuple` and `table_digest(db, columns=EVENT_COLUMNS)` take them.
+EVENT_COLUMNS = "id, kind, payload, score"
+
+
+def event_tuple(row: Any) -> tuple[Any, ...]:
+    """A row of `events` (a mapping, as the feed delivers it) as the tuple a SELECT of EVENT_COLUMNS gives."""
+    return (row["id"], row["kind"], row["payload"], row["score"])
+
+
+def mono_now() -> float:
+    """CLOCK_MONOTONIC now: it is system-wide, so stamps taken in different processes compare."""
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
 async def open_storage(base: Path, name: str, nats_url: str) -> AgentStorage:
@@ -133,10 +146,7 @@ class Replicator:
 
     def peak_rss_mb(self) -> float:
         assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return status_mb(self.proc.pid, "VmHWM")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -247,6 +257,69 @@ def table_digest(
         conn.close()
 
 
+def rows_digest(rows: Mapping[Any, tuple[Any, ...]]) -> tuple[int, str]:
+    """(count, sha256) of rows (key -> row tuple) in key order: the digest `table_digest` gives of the same rows."""
+    h = hashlib.sha256()
+    for key in sorted(rows):
+        h.update(repr(rows[key]).encode())
+    return len(rows), h.hexdigest()
+
+
+def watch_new_rows(dbs: Sequence[Path], out: Path, stop: Path, interval: float, table: str = "events") -> None:
+    """A watcher process's loop: stamp (mono_now) every new row of `table` in each file as soon as it is visible.
+
+    Polls `PRAGMA data_version` of read-only connections, sleeping `interval` s between polls; when a file
+    changes it reads the ids above the last one seen. Writes `<out>.ready` once it watches (start writing only
+    then, so no row predates the watch); stops when `stop` exists or its parent is gone, then writes
+    {"seen": [[[id, stamp], ...] per file], "poll_s": mean poll interval} to `out`."""
+    conns = [sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None) for db in dbs]
+    last = [c.execute(f"SELECT coalesce(max(id), 0) FROM {table}").fetchone()[0] for c in conns]
+    versions = [c.execute("PRAGMA data_version").fetchone()[0] for c in conns]
+    seen: list[dict[int, float]] = [{} for _ in conns]
+    Path(f"{out}.ready").touch()
+    polls = 0
+    parent = os.getppid()
+    started = mono_now()
+    while True:
+        polls += 1
+        for i, conn in enumerate(conns):
+            v = conn.execute("PRAGMA data_version").fetchone()[0]
+            if v == versions[i]:
+                continue
+            versions[i] = v
+            now = mono_now()
+            rows = conn.execute(f"SELECT id FROM {table} WHERE id > ? ORDER BY id", (last[i],)).fetchall()
+            for (rid,) in rows:
+                seen[i][rid] = now
+            if rows:
+                last[i] = rows[-1][0]
+        if polls % 100 == 0 and (stop.exists() or os.getppid() != parent):
+            break  # asked to stop, or orphaned
+        time.sleep(interval)
+    elapsed = mono_now() - started
+    out.write_text(json.dumps({"seen": [list(s.items()) for s in seen], "poll_s": elapsed / polls}))
+
+
+async def wait_ready(
+    out: Path, proc: subprocess.Popen[bytes], what: str, timeout: float = 90, poll: float = 0.02
+) -> None:
+    """Wait until the child process `proc` writes `<out>.ready`; a clear error if it ends first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not Path(f"{out}.ready").exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the {what} process failed (exit {proc.returncode}); its output is above")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the {what} process was not ready within {timeout:g} s")
+        await asyncio.sleep(poll)
+
+
+async def write_warm(st: AgentStorage, url: str, n: int) -> None:
+    """`n` warm-up rows into `events`, then wait until the replicator at `url` has applied them."""
+    for i in range(n):
+        await st.write_data("events", {"kind": "warm", "payload": str(i), "score": 0.0})
+    await wait_watermark(url, st.agent_id, await st.last_committed_seq(), 60)
+
+
 def metric_total(text: str, name: str) -> float:
     """The sum of every sample of metric `name` in a Prometheus text exposition (0 if absent)."""
     total = 0.0
@@ -260,6 +333,14 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process so far, in seconds (/proc/<pid>/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def status_mb(pid: int, field: str) -> float:
+    """A memory figure of a process from /proc/<pid>/status (VmRSS, VmHWM, ...) in MB; NaN if absent."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def threads_and_fds(pid: int) -> tuple[int, int]:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
@@ -50,23 +49,29 @@ from urllib.parse import urlencode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    EVENT_COLUMNS,
     Replicator,
     bench_dir,
     cpu_seconds,
+    event_tuple,
+    mono_now,
     nats_server,
     open_storage,
     pct,
     report,
+    rows_digest,
+    status_mb,
     summary,
     table_digest,
     threads_and_fds,
+    wait_ready,
     wait_watermark,
+    write_warm,
 )
 
 from agent_client import Change, FeedProtocolError, FeedSchema, MustRefetch, UpToDate, decode_feed_message
 
 TABLE = "events"
-COLUMNS = "id, kind, payload, score"
 #: The client process never outlives its phase by more than this (seconds): it exits by itself.
 GRACE_S = 120.0
 #: How long the opened streams may take to all be up to date (seconds).
@@ -83,19 +88,8 @@ TARGET_KIB_PER_SUBSCRIBER = 100.0
 TARGET_FANOUT_P99_MS = 20.0
 
 
-def _now() -> float:
-    return time.clock_gettime(time.CLOCK_MONOTONIC)
-
-
-def _row_tuple(row: Any) -> tuple[Any, ...]:
-    return (row["id"], row["kind"], row["payload"], row["score"])
-
-
 def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return status_mb(pid, "VmRSS")
 
 
 # --------------------------------------------------------------------------------------------- client process
@@ -131,7 +125,7 @@ class _Stream:
             return
         ev = decode_feed_message(b"\n".join(data))
         if isinstance(ev, Change):
-            row = _row_tuple(ev.row) if ev.row is not None else None
+            row = event_tuple(ev.row) if ev.row is not None else None
             if not self.ready:
                 if row is None:
                     self.snapshot.pop(ev.key["id"], None)
@@ -160,13 +154,10 @@ class _Stream:
                 block, buf = buf.split(b"\n\n", 1)
                 self.take(block, stamp)
         self.raw.clear()
-        h = hashlib.sha256()
-        for key in sorted(self.snapshot):
-            h.update(repr(self.snapshot[key]).encode())
         return {
             "status": self.status,
             "error": self.error,
-            "snapshot": [len(self.snapshot), h.hexdigest()],
+            "snapshot": list(rows_digest(self.snapshot)),
             "ready": self.ready,
             "closed": self.closed,
             "changes": self.changes,
@@ -201,7 +192,7 @@ async def _read_stream(host: str, port: int, path: str, s: _Stream, gate: asynci
                 data = await reader.read(65536)
                 if not data:
                     break
-            stamp = _now()
+            stamp = mono_now()
             data = data.replace(b"\r\n", b"\n")
             if s.ready:
                 s.keep(data, stamp)
@@ -302,16 +293,9 @@ class _Clients:
         self.proc = subprocess.Popen([sys.executable, __file__, "--clients", json.dumps(cfg)], start_new_session=True)
 
     async def ready(self) -> dict[str, Any]:
-        deadline = time.monotonic() + OPEN_TIMEOUT_S + 30
-        ready = Path(f"{self.out}.ready")
-        while not ready.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the client process failed (exit {self.proc.returncode}); its output is above")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the client process did not open its streams in time")
-            await asyncio.sleep(0.05)
+        await wait_ready(self.out, self.proc, "client", OPEN_TIMEOUT_S + 30, poll=0.05)
         await asyncio.sleep(0.01)
-        return dict(json.loads(ready.read_text()))
+        return dict(json.loads(Path(f"{self.out}.ready").read_text()))
 
     async def delivered(self, expect: int, timeout: float) -> None:
         """Tell the process how many changes to expect; return once it says every stream has them (or it
@@ -377,7 +361,7 @@ def _check_streams(
 async def _write(st: Any, i: int, kind: str) -> tuple[int, tuple[Any, ...], float]:
     data = {"kind": kind, "payload": f"{kind} {i}", "score": i / 7}
     rid = int(await st.write_data(TABLE, data))
-    returned = _now()
+    returned = mono_now()
     return rid, (rid, data["kind"], data["payload"], data["score"]), returned
 
 
@@ -388,9 +372,7 @@ async def run(base: Path, url: str, args: argparse.Namespace) -> None:
     client_sets: list[_Clients] = []
     try:
         st = await open_storage(base / "a", "bench-feed-idle", url)
-        for i in range(args.warm):
-            await st.write_data(TABLE, {"kind": "warm", "payload": str(i), "score": 0.0})
-        await wait_watermark(rep.url, st.agent_id, await st.last_committed_seq(), 60)
+        await write_warm(st, rep.url, args.warm)
         await asyncio.sleep(2.0)
         idle0 = await _idle(rep.pid, args.idle_seconds)
 
@@ -398,7 +380,7 @@ async def run(base: Path, url: str, args: argparse.Namespace) -> None:
         one = _Clients(base, "one", rep.url, st.agent_id, 1, args.idle_seconds + 30, 1)
         client_sets.append(one)
         await one.ready()
-        snap_one = table_digest(st.db_path, TABLE, "id", COLUMNS)
+        snap_one = table_digest(st.db_path, TABLE, "id", EVENT_COLUMNS)
         floor_writes = []
         for i in range(args.floor_writes):
             floor_writes.append(await _write(st, i, "floor"))
@@ -418,7 +400,7 @@ async def run(base: Path, url: str, args: argparse.Namespace) -> None:
         opened = await many.ready()
         open_s = time.monotonic() - t_open
         rss_open = _rss_mb(rep.pid)
-        snap_many = table_digest(st.db_path, TABLE, "id", COLUMNS)
+        snap_many = table_digest(st.db_path, TABLE, "id", EVENT_COLUMNS)
         await asyncio.sleep(2.0)
         idle_n = await _idle(rep.pid, args.idle_seconds)
         fanout_writes = []

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import inspect
 import json
 import os
@@ -51,43 +50,33 @@ from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    EVENT_COLUMNS,
     Replicator,
     bench_dir,
     cpu_seconds,
+    event_tuple,
+    mono_now,
     nats_server,
     open_storage,
     pct,
     report,
+    rows_digest,
     summary,
     table_digest,
+    wait_ready,
     wait_watermark,
+    watch_new_rows,
+    write_warm,
 )
 from _floors import nats_round_trips
 
 from agent_client import AgentStorage, Change, FeedEvent, MustRefetch, UpToDate
 
 TABLE = "events"
-COLUMNS = "id, kind, payload, score"
 #: A child process never outlives this many seconds past its phase: it exits by itself.
 GRACE_S = 120.0
 #: p50 / p99 targets of issue 12 for both paths (ms).
 TARGET_P50_MS, TARGET_P99_MS = 5.0, 20.0
-
-
-def _now() -> float:
-    return time.clock_gettime(time.CLOCK_MONOTONIC)
-
-
-def _row_tuple(row: Any) -> tuple[Any, ...]:
-    return (row["id"], row["kind"], row["payload"], row["score"])
-
-
-def rows_digest(rows: dict[Any, tuple[Any, ...]]) -> tuple[int, str]:
-    """(count, sha256) of rows in key order, the same digest `table_digest(db, columns=COLUMNS)` gives."""
-    h = hashlib.sha256()
-    for key in sorted(rows):
-        h.update(repr(rows[key]).encode())
-    return len(rows), h.hexdigest()
 
 
 def follower_file(data_dir: Path, own_id: str, followed_id: str) -> Path:
@@ -97,39 +86,6 @@ def follower_file(data_dir: Path, own_id: str, followed_id: str) -> Path:
 
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
-
-
-# ------------------------------------------------------------------------------------------- watcher process
-def watch(dbs: list[Path], out: Path, stop: Path, interval: float) -> None:
-    """Stamp every new row of `events` in each file as soon as it is visible (see the module docstring).
-
-    Writes `<out>.ready` once it watches; the writer starts only then, so no row predates the watch."""
-    conns = [sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None) for db in dbs]
-    last = [c.execute(f"SELECT coalesce(max(id), 0) FROM {TABLE}").fetchone()[0] for c in conns]
-    versions = [c.execute("PRAGMA data_version").fetchone()[0] for c in conns]
-    seen: list[dict[int, float]] = [{} for _ in conns]
-    Path(f"{out}.ready").touch()
-    polls = 0
-    parent = os.getppid()
-    started = _now()
-    while True:
-        polls += 1
-        for i, conn in enumerate(conns):
-            v = conn.execute("PRAGMA data_version").fetchone()[0]
-            if v == versions[i]:
-                continue
-            versions[i] = v
-            now = _now()
-            rows = conn.execute(f"SELECT id FROM {TABLE} WHERE id > ? ORDER BY id", (last[i],)).fetchall()
-            for (rid,) in rows:
-                seen[i][rid] = now
-            if rows:
-                last[i] = rows[-1][0]
-        if polls % 100 == 0 and (stop.exists() or os.getppid() != parent):
-            break  # asked to stop, or orphaned
-        time.sleep(interval)
-    elapsed = _now() - started
-    out.write_text(json.dumps({"seen": [list(s.items()) for s in seen], "poll_s": elapsed / polls}))
 
 
 # ---------------------------------------------------------------------------------------- subscriber process
@@ -152,14 +108,14 @@ async def subscriber(cfg: dict[str, Any]) -> None:
         events = cast(AsyncIterator[FeedEvent], await _maybe_await(st.subscribe(cfg["agent"], TABLE)))
         try:
             async for ev in events:
-                now = _now()
+                now = mono_now()
                 if isinstance(ev, Change):
                     counts["changes"] += 1
                     rid = ev.key["id"]
                     if ev.op == "delete":
                         rows.pop(rid, None)
                     else:
-                        rows[rid] = _row_tuple(ev.row)
+                        rows[rid] = event_tuple(ev.row)
                     if isinstance(rid, int):
                         if rid in arrivals:
                             counts["duplicates"] += 1
@@ -221,7 +177,7 @@ async def follower(cfg: dict[str, Any]) -> None:
         path = follower_file(Path(cfg["dir"]), cfg["name"], cfg["agent"])
         while time.monotonic() < deadline:
             with contextlib.suppress(sqlite3.Error):
-                if path.exists() and table_digest(path, TABLE, "id", COLUMNS)[0] >= cfg["warm"]:
+                if path.exists() and table_digest(path, TABLE, "id", EVENT_COLUMNS)[0] >= cfg["warm"]:
                     Path(f"{out}.ready").touch()
                     break
             await asyncio.sleep(0.05)
@@ -238,22 +194,12 @@ def _spawn(mode: str, cfg: dict[str, Any]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, __file__, f"--{mode}", json.dumps(cfg)], start_new_session=True)
 
 
-async def _wait_ready(out: Path, proc: subprocess.Popen[bytes], what: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not Path(f"{out}.ready").exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"the {what} process failed (exit {proc.returncode}); its output is above")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the {what} process was not ready within {timeout:g} s")
-        await asyncio.sleep(0.02)
-
-
 async def _wait_equal(db: Path, expect: tuple[int, str], timeout: float) -> bool:
     """Poll the follower file until its table equals `expect` (count + digest) or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(sqlite3.Error):
-            if table_digest(db, TABLE, "id", COLUMNS) == expect:
+            if table_digest(db, TABLE, "id", EVENT_COLUMNS) == expect:
                 return True
         await asyncio.sleep(0.1)
     return False
@@ -271,9 +217,7 @@ async def run(base: Path, url: str, nats_pid: int, args: argparse.Namespace) -> 
     subscribe, follow = "subscribe" in args.paths, "follow" in args.paths
     try:
         st = await open_storage(base / "a", "bench-feed-a", url)
-        for i in range(args.warm):  # the snapshot the subscriber and the follower start from
-            await st.write_data(TABLE, {"kind": "warm", "payload": str(i), "score": 0.0})
-        await wait_watermark(rep.url, st.agent_id, await st.last_committed_seq(), 60)
+        await write_warm(st, rep.url, args.warm)  # the snapshot the subscriber and the follower start from
         common = {"htpc": rep.url, "nats": url, "agent": st.agent_id, "seconds": args.seconds, "warm": args.warm}
         cfgs = {
             mode: {
@@ -292,7 +236,7 @@ async def run(base: Path, url: str, nats_pid: int, args: argparse.Namespace) -> 
         procs = {mode: _spawn(mode, cfg) for mode, cfg in cfgs.items()}
         children.extend(procs.values())
         for mode, proc in procs.items():
-            await _wait_ready(Path(cfgs[mode]["out"]), proc, mode)
+            await wait_ready(Path(cfgs[mode]["out"]), proc, mode)
         dbs = [rep.central_db(st.agent_id)]
         if follow:
             fol_db = follower_file(Path(cfgs["follower"]["dir"]), cfgs["follower"]["name"], st.agent_id)
@@ -301,7 +245,7 @@ async def run(base: Path, url: str, nats_pid: int, args: argparse.Namespace) -> 
         watch_cfg = {"dbs": [str(p) for p in dbs], "out": str(watch_out), "stop": str(watch_stop)}
         watcher = _spawn("watch", {**watch_cfg, "interval": args.poll_us / 1e6})
         children.append(watcher)
-        await _wait_ready(watch_out, watcher, "watcher")
+        await wait_ready(watch_out, watcher, "watcher")
 
         stamps: dict[int, tuple[float, float]] = {}
         n = int(args.rate * args.seconds)
@@ -313,18 +257,18 @@ async def run(base: Path, url: str, nats_pid: int, args: argparse.Namespace) -> 
             delay = start + i / args.rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            called = _now()
+            called = mono_now()
             rid = await st.write_data(TABLE, {"kind": "lag", "payload": str(i), "score": called})
-            stamps[int(rid)] = (called, _now())
+            stamps[int(rid)] = (called, mono_now())
         achieved = n / (time.perf_counter() - start)
         await st.flush(timeout=60)
         await wait_watermark(rep.url, st.agent_id, await st.last_committed_seq(), 60)
         wall = time.monotonic() - wall0
         cpu = {k: (cpu_seconds(p) - cpu0[k]) / wall * 100 for k, p in pids.items()}
-        expect = table_digest(st.db_path, TABLE, "id", COLUMNS)
-        central_digest = table_digest(rep.central_db(st.agent_id), TABLE, "id", COLUMNS)
+        expect = table_digest(st.db_path, TABLE, "id", EVENT_COLUMNS)
+        central_digest = table_digest(rep.central_db(st.agent_id), TABLE, "id", EVENT_COLUMNS)
         converged = await _wait_equal(fol_db, expect, 60) if follow else True
-        follower_digest = table_digest(fol_db, TABLE, "id", COLUMNS) if follow else expect
+        follower_digest = table_digest(fol_db, TABLE, "id", EVENT_COLUMNS) if follow else expect
         if subscribe:
             Path(cfgs["subscriber"]["stop"]).write_text(str(max(stamps)))
         if follow:
@@ -401,24 +345,16 @@ async def run(base: Path, url: str, nats_pid: int, args: argparse.Namespace) -> 
         if label not in figures:
             continue
         p50, p99 = figures[label]
-        summary(
-            f"{name} p50",
-            p50,
-            "ms",
-            floor=f50,
-            target=f"<= {TARGET_P50_MS:g} ms",
-            met=p50 <= TARGET_P50_MS,
-            valid=valid,
-        )
-        summary(
-            f"{name} p99",
-            p99,
-            "ms",
-            floor=f99,
-            target=f"<= {TARGET_P99_MS:g} ms",
-            met=p99 <= TARGET_P99_MS,
-            valid=valid,
-        )
+        for q, figure, floor, target_ms in ((50, p50, f50, TARGET_P50_MS), (99, p99, f99, TARGET_P99_MS)):
+            summary(
+                f"{name} p{q}",
+                figure,
+                "ms",
+                floor=floor,
+                target=f"<= {target_ms:g} ms",
+                met=figure <= target_ms,
+                valid=valid,
+            )
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -452,7 +388,7 @@ if __name__ == "__main__":
     _args = parse_args()
     if _args.watch:
         _w = json.loads(_args.watch)
-        watch([Path(p) for p in _w["dbs"]], Path(_w["out"]), Path(_w["stop"]), _w["interval"])
+        watch_new_rows([Path(p) for p in _w["dbs"]], Path(_w["out"]), Path(_w["stop"]), _w["interval"], TABLE)
     elif _args.subscriber:
         asyncio.run(subscriber(json.loads(_args.subscriber)))
     elif _args.follower:

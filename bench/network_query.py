@@ -266,42 +266,13 @@ async def run(base: Path, args: argparse.Namespace) -> None:
                 report('"*" query after one agent\'s write (catch-up) p50', pct(fresh, 50), "ms")
 
                 ok = valid and filter_ok and join_ok
-                summary(
-                    '"*".t filter query p50 (50 agents x 1,000 rows)',
-                    pct(q_times, 50),
-                    "ms",
-                    floor=pct(u_times, 50),
-                    target="report",
-                    met=True,
-                    valid=ok,
-                )
-                summary(
-                    '"*".t filter query p99',
-                    pct(q_times, 99),
-                    "ms",
-                    floor=pct(u_times, 99),
-                    target="report",
-                    met=True,
-                    valid=ok,
-                )
-                summary(
-                    "50-agent join p50",
-                    pct(j_times, 50),
-                    "ms",
-                    floor=pct(jp_times, 50),
-                    target="report",
-                    met=True,
-                    valid=ok,
-                )
-                summary(
-                    "50-agent join p99",
-                    pct(j_times, 99),
-                    "ms",
-                    floor=pct(jp_times, 99),
-                    target="report",
-                    met=True,
-                    valid=ok,
-                )
+                for name, q, times, floor in (
+                    ('"*".t filter query p50 (50 agents x 1,000 rows)', 50, q_times, u_times),
+                    ('"*".t filter query p99', 99, q_times, u_times),
+                    ("50-agent join p50", 50, j_times, jp_times),
+                    ("50-agent join p99", 99, j_times, jp_times),
+                ):
+                    summary(name, pct(times, q), "ms", floor=pct(floor, q), target="report", met=True, valid=ok)
                 if not ok:
                     raise SystemExit(1)
         finally:

@@ -42,7 +42,7 @@ from typing import Any
 
 import orjson
 
-from agent_client import FeedOffset, FeedSchema, TableLayout, encode_values, quote_identifier, sqlite_text
+from agent_client import FeedOffset, FeedSchema, TableLayout, encode_values, fetch_all_text, quote_identifier
 
 from . import central_schema
 
@@ -120,13 +120,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
             start_new_feed(conn)
         else:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                start_new_feed(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            _start_new_feed_alone(conn)
 
 
 def new_feed_id() -> str:
@@ -155,15 +149,20 @@ def restart_feed_in_file(path: Path) -> None:
     try:
         for stmt in FEED_SCHEMA:
             conn.execute(stmt)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            start_new_feed(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        _start_new_feed_alone(conn)
     finally:
         conn.close()
+
+
+def _start_new_feed_alone(conn: sqlite3.Connection) -> None:
+    """`start_new_feed` in a transaction of its own (`conn` in autocommit mode), rolled back if it fails."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        start_new_feed(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def load_position(conn: sqlite3.Connection) -> FeedPosition:
@@ -460,7 +459,7 @@ def _table_rows(
     q = quote_identifier
     cols = ", ".join(map(q, columns))
     sql = f"SELECT rowid, {cols} FROM {q(table)}" if not pk else f"SELECT {cols} FROM {q(table)}"
-    raw = _fetch_all(conn, sql)
+    raw = fetch_all_text(conn, sql)
     out: list[tuple[dict[str, Any], dict[str, Any]]] = []
     if not pk:
         for r in raw:
@@ -471,25 +470,6 @@ def _table_rows(
         values = encode_values(r)
         out.append(({columns[j]: values[j] for j in pk_at}, dict(zip(columns, values, strict=True))))
     return out
-
-
-def _fetch_all(conn: sqlite3.Connection, sql: str) -> list[tuple[Any, ...]]:
-    """All rows, TEXT decoded by Python's own (fast) factory; read again with `sqlite_text` (InvalidText for TEXT
-    that is not UTF-8, sent as {"t": base64}) only when a value needs it."""
-    factory = conn.text_factory
-    conn.text_factory = str
-    try:
-        return conn.execute(sql).fetchall()
-    except sqlite3.OperationalError as exc:
-        if "Could not decode to UTF-8" not in str(exc):
-            raise
-    finally:
-        conn.text_factory = factory
-    conn.text_factory = sqlite_text
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.text_factory = factory
 
 
 __all__ = [

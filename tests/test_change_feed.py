@@ -139,6 +139,13 @@ async def catch_up(client: httpx.AsyncClient, agent: str, copy: Copy, table: str
     raise AssertionError("never caught up")
 
 
+async def snapshot_copy(client: httpx.AsyncClient, agent: str, table: str = "items") -> Copy:
+    """A copy filled from the feed's snapshot (the JSON feed without an offset)."""
+    copy = Copy()
+    copy.apply(decode_all((await feed(client, agent, table)).content))
+    return copy
+
+
 async def write_history(storage: AgentStorage, start: int, count: int) -> None:
     """Inserts, then updates and deletes, some in multi-row local transactions."""
     await storage.batch_write(
@@ -276,8 +283,7 @@ async def test_a_transaction_arrives_whole(module_htpc: HtpcProcess, tmp_path: P
     ):
         await storage.write_data("items", {"id": 0, "name": "first"})
         await settle_agent(client, storage)
-        copy = Copy()
-        copy.apply(decode_all((await feed(client, "feed-txn")).content))
+        copy = await snapshot_copy(client, "feed-txn")
         before = copy.offset
         big = [
             {"table": "items", "data": {"id": i, "name": "x" * 2000, "data": os.urandom(500)}} for i in range(1, 3001)
@@ -361,8 +367,7 @@ async def test_long_poll_waits_for_a_change_and_times_out(module_htpc: HtpcProce
     ):
         await storage.write_data("items", {"id": 1, "name": "one"})
         await settle_agent(client, storage)
-        copy = Copy()
-        copy.apply(decode_all((await feed(client, "feed-poll")).content))
+        copy = await snapshot_copy(client, "feed-poll")
         start = copy.offset
         # Nothing new: after timeout_ms, just up-to-date at the same offset.
         resp = await feed(client, "feed-poll", offset=start, live=True, timeout_ms=300)
@@ -486,8 +491,7 @@ async def test_schema_change_ends_a_live_stream_with_must_refetch(module_htpc: H
         # The JSON feed from the offset before the change: 409.
         resp = await feed(client, "feed-ddl", offset=copy.offset)
         assert resp.status_code == 409 and isinstance(decode_all(resp.content)[0], MustRefetch)
-        fresh = Copy()
-        fresh.apply(decode_all((await feed(client, "feed-ddl")).content))
+        fresh = await snapshot_copy(client, "feed-ddl")
         assert fresh.schema is not None and "extra" in fresh.schema.columns
 
 
@@ -534,8 +538,7 @@ async def test_resume_across_replicator_sigkill_loses_and_repeats_nothing(htpc: 
     async with client_and_agent(htpc, "feed-crash", tmp_path / "a", [ITEMS], ["items", "other"]) as (client, storage):
         await write_history(storage, 1, 100)
         await settle_agent(client, storage)
-        copy = Copy()
-        copy.apply(decode_all((await feed(client, "feed-crash")).content))
+        copy = await snapshot_copy(client, "feed-crash")
         await write_history(storage, 200, 50)
         await settle_agent(client, storage)
         await catch_up(client, "feed-crash", copy)
@@ -558,6 +561,13 @@ async def test_resume_across_replicator_sigkill_loses_and_repeats_nothing(htpc: 
         assert replay.units == copy.units[len(seen_before) :]
 
 
+def _remove_agent_db(agent_dir: Path, agent: str) -> None:
+    """Delete an agent's database file and its -wal and -shm (the agent recreates it with a new epoch)."""
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(agent_dir / f"{agent}.db{suffix}")
+
+
 async def test_must_refetch_after_the_agents_database_is_recreated(module_htpc: HtpcProcess, tmp_path: Path) -> None:
     agent_dir = tmp_path / "a"
     async with httpx.AsyncClient(base_url=module_htpc.url, timeout=30) as client:
@@ -566,13 +576,9 @@ async def test_must_refetch_after_the_agents_database_is_recreated(module_htpc: 
         ) as first:
             await first.batch_write([{"table": "items", "data": {"id": i, "name": "old"}} for i in range(30)])
             await settle_agent(client, first)
-        old = Copy()
-        old.apply(decode_all((await feed(client, "feed-epoch")).content))
+        old = await snapshot_copy(client, "feed-epoch")
         assert len(old.rows) == 30
-        for suffix in ("", "-wal", "-shm"):
-            path = agent_dir / f"feed-epoch.db{suffix}"
-            if path.exists():
-                os.remove(path)
+        _remove_agent_db(agent_dir, "feed-epoch")
         async with agent_session(
             "feed-epoch", agent_dir, htpc_url=module_htpc.url, migrations=[ITEMS], visibility={"items": "always"}
         ) as second:
@@ -587,8 +593,7 @@ async def test_must_refetch_after_the_agents_database_is_recreated(module_htpc: 
             async with sse(client, "feed-epoch", offset=old.offset, live=True) as stream:
                 assert isinstance(await stream.next(), MustRefetch)
                 assert await stream.next() is None  # and the stream ends
-            fresh = Copy()
-            fresh.apply(decode_all((await feed(client, "feed-epoch")).content))
+            fresh = await snapshot_copy(client, "feed-epoch")
             assert fresh.digest(("id", "name", "qty", "data")) == await local_digest(second)
             assert {k[0][1] for k in fresh.rows} == set(range(100, 105))
 
@@ -604,9 +609,7 @@ async def test_live_stream_sees_a_new_database_as_must_refetch(module_htpc: Htpc
         copy = Copy()
         async with sse(client, "feed-epoch-live", live=True) as stream:
             await stream.until(copy, lambda: True)
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(agent_dir / f"feed-epoch-live.db{suffix}")
+            _remove_agent_db(agent_dir, "feed-epoch-live")
             async with agent_session(
                 "feed-epoch-live",
                 agent_dir,

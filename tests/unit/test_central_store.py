@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,48 +14,23 @@ from replicator.data_dir import DataDir
 from replicator.errors import RecordRejected
 from replicator.replica_state import ReplicaState
 from replicator.sequencer import RecordHeader, sequence
+from tests.unit._central import ITEMS, change_record, relay_record, store_fixture
 
 AGENT = "unit-agent"
 EPOCH, EPOCH2 = "aaaaaaaa", "bbbbbbbb"
-ITEMS = TableLayout(
-    table="items",
-    columns=["id", "name", "data"],
-    pk=["id"],
-    types=["INTEGER", "TEXT", "BLOB"],
-    sql="CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, data BLOB)",
-)
 SECRETS = TableLayout(table="secrets", columns=["k", "v"], pk=["k"], sql="CREATE TABLE secrets (k TEXT PRIMARY KEY, v)")
 
-Change = tuple[int, str, int, list[Any]]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[CentralStore]:
-    s = CentralStore(DataDir(tmp_path))
-    try:
-        yield s
-    finally:
-        s.close()
+store = store_fixture
 
 
 def record(
     first: int, changes: list[tuple[str, int, list[Any]]], *, epoch: str = EPOCH, final: bool = True
 ) -> ChangeRecord:
-    numbered: list[Change] = [(first + i, op, layout, values) for i, (op, layout, values) in enumerate(changes)]
-    return ChangeRecord(
-        agent_id=AGENT,
-        epoch=epoch,
-        first_seq=first,
-        last_seq=first + len(changes) - 1,
-        final=final,
-        committed_at=1000.0 + first,
-        layouts={"0": ITEMS, "1": SECRETS},
-        changes=numbered,
-    )
+    return change_record(AGENT, first, changes, {"0": ITEMS, "1": SECRETS}, epoch=epoch, final=final)
 
 
 def relay(*rows: tuple[str, dict[str, Any]]) -> RelayRecord:
-    return RelayRecord(agent_id=AGENT, rows=[RelayRow(table=t, data=d) for t, d in rows])
+    return relay_record(AGENT, *rows)
 
 
 def apply(rep: AgentReplica, rec: ChangeRecord | RelayRecord, stream_seq: int | None = None) -> bool:

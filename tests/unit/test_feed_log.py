@@ -12,37 +12,24 @@ from typing import Any
 import orjson
 import pytest
 
-from agent_client import ChangeRecord, FeedOffset, RelayRecord, RelayRow, TableLayout
+from agent_client import ChangeRecord, FeedOffset, RelayRecord, TableLayout
 from replicator import central_store, feed_log
 from replicator.central_store import AgentReplica, CentralStore
 from replicator.data_dir import DataDir
 from replicator.errors import RecordRejected
 from replicator.feed_log import FeedGone, FeedRead, FeedRowChange, read_after, snapshot
 from replicator.snapshots import stage, write_snapshot
+from tests.unit._central import ITEMS, change_record, relay_record, store_fixture
 
 AGENT = "feed-agent"
 EPOCH, EPOCH2 = "aaaaaaaa", "bbbbbbbb"
 REQUEST = "0123456789abcdef0123456789abcdef"
-ITEMS = TableLayout(
-    table="items",
-    columns=["id", "name", "data"],
-    pk=["id"],
-    types=["INTEGER", "TEXT", "BLOB"],
-    sql="CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, data BLOB)",
-)
 PAIRS = TableLayout(
     table="pairs", columns=["a", "b", "v"], pk=["a", "b"], sql="CREATE TABLE pairs (a, b, v, PRIMARY KEY (a, b))"
 )
 GHOST = TableLayout(table="ghost", columns=["k"], pk=["k"], sql="CREATE TABLE ghost (k PRIMARY KEY)")  # never created
 
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[CentralStore]:
-    s = CentralStore(DataDir(tmp_path))
-    try:
-        yield s
-    finally:
-        s.close()
+store = store_fixture
 
 
 @pytest.fixture
@@ -59,20 +46,11 @@ def reader(store: CentralStore) -> Iterator[sqlite3.Connection]:
 def record(
     first: int, changes: list[tuple[str, int, list[Any]]], *, epoch: str = EPOCH, final: bool = True
 ) -> ChangeRecord:
-    return ChangeRecord(
-        agent_id=AGENT,
-        epoch=epoch,
-        first_seq=first,
-        last_seq=first + len(changes) - 1,
-        final=final,
-        committed_at=1000.0 + first,
-        layouts={"0": ITEMS, "1": PAIRS, "2": GHOST},
-        changes=[(first + i, op, layout, values) for i, (op, layout, values) in enumerate(changes)],
-    )
+    return change_record(AGENT, first, changes, {"0": ITEMS, "1": PAIRS, "2": GHOST}, epoch=epoch, final=final)
 
 
 def relay(*rows: tuple[str, dict[str, Any]]) -> RelayRecord:
-    return RelayRecord(agent_id=AGENT, rows=[RelayRow(table=t, data=d) for t, d in rows])
+    return relay_record(AGENT, *rows)
 
 
 def apply(rep: AgentReplica, rec: ChangeRecord | RelayRecord, *, resync: bool = False) -> None:

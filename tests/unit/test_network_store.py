@@ -11,12 +11,13 @@ from typing import Any, Literal
 
 import pytest
 
-from agent_client import ChangeRecord, RelayRecord, RelayRow, TableLayout
+from agent_client import ChangeRecord, RelayRecord, TableLayout
 from replicator.central_store import AgentReplica, CentralStore
 from replicator.data_dir import DataDir
 from replicator.errors import ReplicatorError
 from replicator.network_store import NetworkStore
 from replicator.query_engine import rewrite_overflow
+from tests.unit._central import change_record, relay_record, store_fixture
 
 Op = Literal["U", "D", "S", "X", "V", "R"]
 ITEMS = TableLayout(
@@ -28,13 +29,7 @@ ITEMS = TableLayout(
 )
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[CentralStore]:
-    s = CentralStore(DataDir(tmp_path))
-    try:
-        yield s
-    finally:
-        s.close()
+store = store_fixture
 
 
 @pytest.fixture
@@ -57,21 +52,12 @@ def _commit(rep: AgentReplica, rec: ChangeRecord | RelayRecord) -> None:
 
 
 def relay(store: CentralStore, agent: str, table: str, *rows: dict[str, Any]) -> None:
-    _commit(store.replica(agent), RelayRecord(agent_id=agent, rows=[RelayRow(table=table, data=r) for r in rows]))
+    _commit(store.replica(agent), relay_record(agent, *((table, r) for r in rows)))
     store.publish_view()
 
 
 def changes(store: CentralStore, agent: str, epoch: str, first: int, items: list[tuple[Op, list[Any]]]) -> None:
-    rec = ChangeRecord(
-        agent_id=agent,
-        epoch=epoch,
-        first_seq=first,
-        last_seq=first + len(items) - 1,
-        final=True,
-        committed_at=1000.0 + first,
-        layouts={"0": ITEMS},
-        changes=[(first + i, op, 0, values) for i, (op, values) in enumerate(items)],
-    )
+    rec = change_record(agent, first, [(op, 0, values) for op, values in items], {"0": ITEMS}, epoch=epoch)
     _commit(store.replica(agent), rec)
     store.publish_view()
 
