@@ -33,7 +33,7 @@ lint: install
 chaos: install
 	CHAOS_CYCLES=$${CHAOS_CYCLES:-200} $(BIN)/python -m pytest -q -s -m chaos tests/test_chaos.py
 
-## every benchmark with small sizes, in bounded time (~4 min), ending with ONE table of each speed figure beside
+## every benchmark with small sizes, in bounded time (~5 min), ending with ONE table of each speed figure beside
 ## its floor measured in the same run, ratio, target, met/not met (BENCH_ARGS=--full: the sizes the issues name)
 bench: install
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)

@@ -55,6 +55,7 @@ BENCHES: list[tuple[str, str, list[str]]] = [
     # issue 12: live change feeds
     ("feed_lag", "feed_lag.py", ["--seconds", "5"]),
     ("feed_idle", "feed_idle.py", ["--idle-seconds", "5"]),
+    ("network_query", "network_query.py", ["--runs", "50", "--warmup", "5"]),
 ]
 
 
