@@ -69,6 +69,8 @@ _T = TypeVar("_T")
 FEED_THREADS = 4
 #: Snapshots read and encoded at once (each is held whole in memory while built: about 3x the table's size).
 SNAPSHOTS_AT_ONCE = 2
+#: Changes one batch holds at most (whole units: the unit that reaches it is the batch's last).
+BATCH_MAX_CHANGES = 5000
 #: Units one read returns at most, and their log bytes (a unit is never split: at least one comes).
 READ_MAX_UNITS = 1000
 READ_MAX_BYTES = 4 << 20
@@ -180,11 +182,14 @@ def _collect(
     encode: Callable[[FeedUnit], list[bytes] | None] | None = None,
 ) -> FeedBatch:
     """The messages of `table` in `units` (those after `after`, read up to `end`): at most `max_units` units
-    with some. A unit that changed the table's schema ends the batch before it, with a must-refetch reason.
+    with some, and no unit past the one that reaches `BATCH_MAX_CHANGES` changes (live batches are encoded on
+    the event loop: a burst of large transactions goes out in several batches, the loop turning between them).
+    A unit that changed the table's schema ends the batch before it, with a must-refetch reason.
     """
     feed_id = end.feed_id
     out: list[tuple[str, list[bytes]]] = []
     position = after
+    messages = 0
     for unit in units:
         found = encode(unit) if encode is not None else _unit_messages(unit, feed_id, table)
         if found is None:
@@ -193,7 +198,8 @@ def _collect(
         if not found:
             continue
         out.append((str(position), found))
-        if len(out) >= max_units:
+        messages += len(found)
+        if len(out) >= max_units or messages >= BATCH_MAX_CHANGES:
             return FeedBatch(out, position, False)
     return FeedBatch(out, end, complete)
 
