@@ -38,11 +38,14 @@ REBUILD_BATCH = 512
 
 
 class Progress:
-    """A one-line progress report on stderr (at most twice a second), counted in stream sequences.
+    """A progress report on stderr, counted in stream sequences: on a terminal one line redrawn at most twice
+    a second; otherwise (a pipe, a log file) a plain line every `PIPE_EVERY_S` seconds, never a carriage return.
 
     `first..last` is the part of the stream to replay; messages published meanwhile move `last` on, so the
     position shown never passes the total (redeliveries are not counted twice: positions are).
     """
+
+    PIPE_EVERY_S = 10.0
 
     def __init__(self, first: int, last: int, *, out: bool = True) -> None:
         self.first = first
@@ -51,7 +54,9 @@ class Progress:
         self.messages = 0  # deliveries handled (a redelivered message counts again)
         self.started = time.monotonic()
         self.out = out
-        self._last_print = 0.0
+        self.live = out and sys.stderr.isatty()
+        self._last_print = 0.0 if self.live else self.started
+        self._drawn = False
 
     @property
     def done(self) -> int:
@@ -66,9 +71,18 @@ class Progress:
         self.position = max(self.position, position)
         self.last = max(self.last, self.position)
         now = time.monotonic()
-        if self.out and now - self._last_print >= 0.5:
-            self._last_print = now
-            print(f"\r{self.line()}", end="", file=sys.stderr, flush=True)
+        if not self.out or now - self._last_print < (0.5 if self.live else self.PIPE_EVERY_S):
+            return
+        self._last_print = now
+        if self.live:
+            print(f"\r{self.line()}\x1b[K", end="", file=sys.stderr, flush=True)
+            self._drawn = True
+        else:
+            print(self.line(), file=sys.stderr, flush=True)
+
+    def end_line(self) -> str:
+        """What starts the line after the progress: on a terminal, clear the redrawn line."""
+        return "\r\x1b[K" if self._drawn else ""
 
     def line(self) -> str:
         pct = 100.0 * self.done / self.total if self.total > 0 else 100.0
@@ -200,7 +214,7 @@ async def rebuild(settings: Settings, *, full: bool = False) -> int:
             else "nothing to replay"
         )
         print(
-            f"\rrebuild: {replayed} in {elapsed:.1f}s; {_count(len(store.view.agents), 'agent')}; "
+            f"{progress.end_line()}rebuild: {replayed} in {elapsed:.1f}s; {_count(len(store.view.agents), 'agent')}; "
             f"{_count(dead.total(), 'dead letter')}; "
             f"consumer {settings.durable!r} resumes at stream seq {resume}",
             file=sys.stderr,

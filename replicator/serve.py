@@ -123,6 +123,7 @@ async def serve(settings: Settings) -> None:
             port=settings.port,
             log_level=settings.log_level,
             access_log=False,
+            log_config=None,  # uvicorn's records go through setup_logging's logfmt handler
             lifespan="off",
             # httptools, pinned: the request deadline, header cap, connection cap and TLS live in this subclass
             http=protocol_class(limits, tls),

@@ -4,6 +4,12 @@ plainly when the stream no longer holds what follows it."""
 
 from __future__ import annotations
 
+import io
+import sys
+
+import pytest
+
+from replicator import rebuild
 from replicator.rebuild import Progress, replay_start
 
 
@@ -40,3 +46,43 @@ def test_replay_start() -> None:
     start, notes = replay_start(900, 1, 751, "backup b")  # not this stream (recreated): read all of it
     assert start == 1 and "not the stream this was taken from" in notes[0]
     assert replay_start(0, 0, 0, "snapshot s") == (1, [])  # an empty stream
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_piped_prints_plain_lines_now_and_then(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock, err = _Clock(), io.StringIO()
+    monkeypatch.setattr(rebuild, "time", clock)
+    monkeypatch.setattr(sys, "stderr", err)
+    progress = Progress(1, 1000)
+    for n in range(1, 101):  # 100 batches, 1 s apart: a line every PIPE_EVERY_S
+        clock.now += 1.0
+        progress.update(n * 10, 10)
+    assert "\r" not in err.getvalue() and "\x1b" not in err.getvalue()
+    lines = err.getvalue().splitlines()
+    assert len(lines) == int(100 // Progress.PIPE_EVERY_S)
+    assert [_numbers(line)[0] for line in lines] == [n * 10 for n in range(10, 101, 10)]
+    assert progress.end_line() == ""
+
+
+def test_progress_on_a_terminal_redraws_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock, err = _Clock(), _Terminal()
+    monkeypatch.setattr(rebuild, "time", clock)
+    monkeypatch.setattr(sys, "stderr", err)
+    progress = Progress(1, 1000)
+    for n in range(1, 11):
+        clock.now += 1.0
+        progress.update(n * 100, 100)
+    assert "\n" not in err.getvalue() and err.getvalue().count("\r") == 10
+    assert progress.end_line() == "\r\x1b[K"
