@@ -73,7 +73,15 @@ from .errors import (
     UnknownTable,
 )
 from .follower import MAX_FOLLOWED_AGENTS
+from .histogram import LATENCY_BUCKETS, Histogram, HistogramSnapshot
 from .identifiers import is_valid_identifier, quote_identifier, safe_declared_type
+from .metrics import (
+    METRICS_CONTENT_TYPE,
+    AgentMetricsCollector,
+    MetricsUnavailable,
+    agent_metrics_text,
+    render_agent_metrics,
+)
 from .migration import Migration
 from .nats_link import reconnecting_options
 from .read_only_query import QueryConnection, QueryResult, run_read_only
@@ -101,12 +109,15 @@ __all__ = [
     "DUPLICATE_WINDOW_S",
     "INT64_MAX",
     "INT64_MIN",
+    "LATENCY_BUCKETS",
     "MAX_FOLLOWED_AGENTS",
+    "METRICS_CONTENT_TYPE",
     "RECORD_VERSION",
     "RELAY_SUBJECTS",
     "REPLICATOR_INBOX",
     "STREAM_NAME",
     "STREAM_SUBJECTS",
+    "AgentMetricsCollector",
     "AgentStatusRecord",
     "AgentStorage",
     "AgentStorageError",
@@ -124,6 +135,8 @@ __all__ = [
     "FlushTimeout",
     "FollowError",
     "HTPCUnavailable",
+    "Histogram",
+    "HistogramSnapshot",
     "InvalidAgentId",
     "InvalidIdentifier",
     "InvalidResyncRequest",
@@ -131,6 +144,7 @@ __all__ = [
     "InvalidText",
     "InvalidVisibility",
     "LocalDatabaseError",
+    "MetricsUnavailable",
     "Migration",
     "MigrationConflict",
     "MigrationFailed",
@@ -155,6 +169,7 @@ __all__ = [
     "UpToDate",
     "Visibility",
     "agent_inbox_prefix",
+    "agent_metrics_text",
     "changes_subject",
     "consumer_config",
     "decode_feed_message",
@@ -177,6 +192,7 @@ __all__ = [
     "relay_msg_id",
     "relay_subject",
     "relay_subject_agent",
+    "render_agent_metrics",
     "run_read_only",
     "safe_declared_type",
     "split_statements",

@@ -538,15 +538,20 @@ class AgentStorage:
         return self._link.servers
 
     # ------------------------------------------------------------------ health
-    async def health_check(self) -> dict[str, Any]:
+    async def health_check(self, *, integrity: bool = True) -> dict[str, Any]:
         """Storage health: local db (with its size and the change log's), NATS link, backlog, why publishing is
-        blocked (if it is), last publish, message id collisions, tables by visibility."""
+        blocked (if it is), last publish, publish latency, message id collisions, tables by visibility.
+
+        `integrity=False` skips `PRAGMA quick_check` (it reads the whole database: too much for a metrics scrape
+        every few seconds); `local_db.ok` is then None."""
         self._check_open()
         local: dict[str, Any] = {"path": str(self.db_path)}
         try:
             mode = await self._read(lambda c: c.execute("PRAGMA main.journal_mode").fetchone()[0])
-            ok = await self._read(lambda c: c.execute("PRAGMA main.quick_check(1)").fetchone()[0])
-            local.update(ok=ok == "ok", journal_mode=mode)
+            ok: str | None = None
+            if integrity:
+                ok = await self._read(lambda c: c.execute("PRAGMA main.quick_check(1)").fetchone()[0])
+            local.update(ok=None if ok is None else ok == "ok", journal_mode=mode)
         except sqlite3.Error as exc:
             local.update(ok=False, error=str(exc))
         tables = await self.visibility()
@@ -588,6 +593,8 @@ class AgentStorage:
             # why the publisher cannot send (a change too large for the stream, JetStream refusing it, no PubAck
             # for a long time while connected) and since when; None while it can. Also sent to the HTPC.
             "blocked": pub.blocked if pub else None,
+            # the publishing loop is alive (False with replicate=False, or if it died: nothing gets sent)
+            "publisher_running": pub.running if pub else False,
             "blocked_since": pub.blocked_since if pub else None,
             "status_reports": pub.status_reports if pub else 0,
             "last_status_at": pub.last_status_at if pub else None,
@@ -598,6 +605,9 @@ class AgentStorage:
             "acked_seq": pub.acked_seq if pub else None,
             "records_published": pub.records_published if pub else 0,
             "last_publish_at": pub.last_publish_at if pub else None,
+            # seconds from a record's send to its PubAck, per record acknowledged since the storage was opened:
+            # {"count", "sum", "le": {upper bound: cumulative count}} (a Prometheus-style histogram)
+            "publish_latency_s": pub.publish_latency.snapshot().as_dict() if pub else None,
             # PubAcks that said `duplicate` for a record this agent never published: another message held its
             # id. The record was kept and published again under a fresh id; non-zero means look at the HTPC.
             "msg_id_collisions": pub.msg_id_collisions if pub else 0,

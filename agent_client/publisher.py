@@ -80,6 +80,7 @@ from .change_record import (
     msg_id,
     status_msg_id,
 )
+from .histogram import Histogram
 from .local_store import LocalStore, connect, is_busy, reader_connection
 from .nats_link import NatsLink
 from .stream import STREAM_NAME, ensure_stream
@@ -150,6 +151,7 @@ class _InFlight:
     msg_id: str
     future: asyncio.Future[PubAck]
     deadline: float
+    sent_at: float  # monotonic: when it was handed to NATS (its PubAck's latency is measured from it)
 
 
 class _Width:
@@ -258,6 +260,9 @@ class Publisher:
         #: status records JetStream acknowledged, and when the last one was made
         self.status_reports = 0
         self.last_status_at: float | None = None
+        #: seconds from a record's send to its PubAck, per acknowledged record (observed on the event loop;
+        #: readers take `publish_latency.snapshot()` from any thread)
+        self.publish_latency = Histogram()
         self._backoff = Backoff()
         self._blocked_backoff = Backoff(blocked_retry_initial, blocked_retry_max)
         self._retry_at = 0.0  # monotonic: no publishing attempt before it (after a failure)
@@ -325,6 +330,11 @@ class Publisher:
         self._cursor = self.acked_seq
         self.link.add_listener(self._link_changed)
         self._task = asyncio.create_task(self._run(), name=f"publisher-{self.agent_id}")
+
+    @property
+    def running(self) -> bool:
+        """The publishing loop is alive (False before `start`, after `close`, or if it died)."""
+        return self._task is not None and not self._task.done()
 
     def notify(self) -> None:
         """Called after every local commit (its group is closed already): read the log now."""
@@ -766,12 +776,13 @@ class Publisher:
         self._check_size(record)
         nonce = self._fresh.get((first, last))
         mid = msg_id(self.agent_id, self.epoch, first, last, secret=self._secret, nonce=nonce)
+        sent_at = time.monotonic()
         if self._probe:
             fut = await self._send_probe(js, record, mid)
         else:
             fut = await js.publish_async(self.subject, payload, headers={"Nats-Msg-Id": mid})
             fut.add_done_callback(lambda _f: self._wake.set())
-        self._in_flight.append(_InFlight(first, last, mid, fut, time.monotonic() + self.ack_timeout))
+        self._in_flight.append(_InFlight(first, last, mid, fut, time.monotonic() + self.ack_timeout, sent_at))
 
     async def _send_probe(self, js: JetStreamContext, record: _Record, mid: str) -> asyncio.Future[PubAck]:
         """Publish one record and wait for its answer (after a PubAck never came).
@@ -844,6 +855,7 @@ class Publisher:
                 self._maybe_stored.pop(head.msg_id, None)
                 self.acked_seq = head.last
                 self.records_published += 1
+                self.publish_latency.observe(max(0.0, now - head.sent_at))
                 advanced = True
         finally:
             if advanced:  # also when a later head failed: waiters see what was acknowledged before it

@@ -1,13 +1,23 @@
 """Prometheus text exposition (format 0.0.4) of the replicator's counters and gauges, rendered from a `Status`.
 
-Every family has one HELP and one TYPE line; per-agent gauges carry an
-`agent` label; the apply delay is a histogram (`_bucket{le=...}`, `_sum`,
-`_count`). The README lists every metric with its meaning.
+prometheus-client does the exposition: `StatusCollector` yields the metric families of one `Status` snapshot,
+and `render_metrics` renders them from a private `CollectorRegistry` (nothing global, no state between
+scrapes). Every family has one HELP and one TYPE line; per-agent gauges carry an `agent` label; the apply
+delay is a histogram (`_bucket{le=...}`, `_sum`, `_count`). The README lists every metric with its meaning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from .histogram import HistogramSnapshot
 from .status import Status
@@ -41,37 +51,61 @@ _CONSUMER_COUNTERS = (
 )
 
 
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _histogram(name: str, help_text: str, snap: HistogramSnapshot) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, help_text, labels=[])
+    family.add_metric([], [(le, float(n)) for le, n in snap.cumulative()], snap.total)
+    return family
 
 
-def _histogram_lines(name: str, help_text: str, snap: HistogramSnapshot) -> list[str]:
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-    lines += [f'{name}_bucket{{le="{le}"}} {float(n)}' for le, n in snap.cumulative()]
-    lines += [f"{name}_sum {snap.total}", f"{name}_count {float(snap.count)}"]
-    return lines
+def _family(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> Metric:
+    """One counter or gauge family; its label names are its samples' (the same for each; none if no sample).
+
+    prometheus-client keeps a counter's name without `_total` and writes it back on exposition: the names
+    scraped are the ones given here."""
+    labels = list(samples[0][0]) if samples else []
+    family: CounterMetricFamily | GaugeMetricFamily
+    if kind == "counter":
+        family = CounterMetricFamily(name, help_text, labels=labels)
+    else:
+        family = GaugeMetricFamily(name, help_text, labels=labels)
+    for sample_labels, value in samples:
+        family.add_metric([sample_labels[k] for k in labels], value)
+    return family
 
 
 _Metric = Callable[[str, str, str, list[tuple[dict[str, str], float]]], None]
 
 
+class StatusCollector(Collector):
+    """The metric families of one `Status` snapshot (a prometheus_client Collector; holds nothing else)."""
+
+    def __init__(self, status: Status) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(_families(self._status))
+
+
 def render_metrics(status: Status) -> str:
-    lines: list[str] = []
+    """Prometheus text (0.0.4) of `status`, through a private registry holding only its collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(status))
+    return generate_latest(registry).decode()
+
+
+def _families(status: Status) -> list[Metric]:
+    families: list[Metric] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            label_text = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
-            lines.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
+        families.append(_family(name, kind, help_text, samples))
 
     st = status.consumer
     if st is not None:
         for field, name, help_text in _CONSUMER_COUNTERS:
             metric(name, "counter", help_text, [({}, float(getattr(st, field, 0)))])
         metric("replicator_apply_seconds_total", "counter", "Time spent applying batches", [({}, st.apply_seconds)])
-        lines.extend(
-            _histogram_lines(
+        families.append(
+            _histogram(
                 "replicator_apply_delay_seconds",
                 "Agent commit to central commit, per agent transaction applied",
                 st.apply_delay.snapshot(),
@@ -131,7 +165,7 @@ def render_metrics(status: Status) -> str:
     _feed_metrics(status, metric)
     _stream_metrics(status, metric)
     _agent_metrics(status, metric)
-    return "\n".join(lines) + "\n"
+    return families
 
 
 def _one(value: float | int | None) -> list[tuple[dict[str, str], float]]:
@@ -222,6 +256,7 @@ def _stream_metrics(status: Status, metric: _Metric) -> None:
 def _agent_metrics(status: Status, metric: _Metric) -> None:
     agents = [status.view.agents[a] for a in status.view.agent_ids()]
     measures = status.measures
+    metric("replicator_agents", "gauge", "Agents the HTPC has a central copy of", _one(len(agents)))
     metric(
         "replicator_blocked_agents",
         "gauge",
@@ -286,6 +321,13 @@ def _agent_metrics(status: Status, metric: _Metric) -> None:
         "gauge",
         "1 while a resync of the agent is requested and not finished",
         [({"agent": a}, 1.0 if a in waiting else 0.0) for a in sorted(set(status.view.agents) | set(waiting))],
+    )
+    known = sorted({a.agent_id for a in agents} | {a for a in status.dead_letters if a is not None})
+    metric(
+        "replicator_agent_dead_letters",
+        "gauge",
+        "Records of the agent in the dead-letter store",
+        [({"agent": a}, float(status.dead_letters.get(a, 0))) for a in known],
     )
     metric(
         "replicator_agent_seconds_since_seen",

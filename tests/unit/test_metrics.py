@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent_client import MetricsUnavailable, agent_metrics_text
 from replicator.consumer import ConsumerStats
 from replicator.histogram import DELAY_BUCKETS, Histogram
 from replicator.metrics import render_metrics
@@ -130,3 +134,105 @@ def test_histogram_bounds_are_inclusive_and_must_increase() -> None:
     assert snap.counts == (1, 2, 1) and snap.count == 4 and snap.cumulative() == [("1", 1), ("2", 3), ("+Inf", 4)]
     with pytest.raises(ValueError):
         Histogram((2.0, 1.0))
+
+
+def test_render_goes_through_a_private_registry_and_keeps_counter_names() -> None:
+    from prometheus_client import REGISTRY
+
+    before = {m.name for m in REGISTRY.collect()}
+    text = render_metrics(_status())
+    assert {m.name for m in REGISTRY.collect()} == before  # nothing registered globally
+    typed = {line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE")}
+    assert typed["replicator_messages_total"] == "counter"  # prometheus-client writes `_total` back
+    assert typed["replicator_apply_delay_seconds"] == "histogram"
+    assert "replicator_messages_total 9.0" in text.splitlines()
+
+
+def test_agents_and_dead_letters_per_agent() -> None:
+    status = replace(_status(), dead_letters=MappingProxyType({"stuck-agent": 2, None: 1, "gone-agent": 4}))
+    families = _families(render_metrics(status))
+    assert families["replicator_agents"][1] == {("replicator_agents", ()): 2.0}
+    per_agent = {dict(labels)["agent"]: v for (_n, labels), v in families["replicator_agent_dead_letters"][1].items()}
+    assert per_agent == {"ok-agent": 0.0, "stuck-agent": 2.0, "gone-agent": 4.0}
+    assert families["replicator_dead_letters"][1] == {("replicator_dead_letters", ()): 7.0}
+
+
+# ----------------------------------------------------------------------------- the agent's own metrics
+def _health(**over: object) -> dict[str, object]:
+    hist = Histogram()
+    for v in (0.0004, 0.002, 0.002):
+        hist.observe(v)
+    health: dict[str, object] = {
+        "agent_id": "a-1",
+        "nats": {"connected": True},
+        "publisher_running": True,
+        "blocked": "JetStream refused changes 5-5",
+        "blocked_since": NOW - 30,
+        "backlog": {"changes": 4, "oldest_age_s": 31.5},
+        "last_committed_seq": 9,
+        "acked_seq": 5,
+        "last_publish_at": NOW - 40,
+        "records_published": 3,
+        "status_reports": 2,
+        "msg_id_collisions": 0,
+        "log_bytes": 8192,
+        "local_db": {"ok": None, "file_bytes": 65536},
+        "schema_problem": None,
+        "publish_latency_s": hist.snapshot().as_dict(),
+        "follows": {"b.t": {"seconds_behind": 0.0, "state": "live", "rows": 3}},
+        "checked_at": NOW,
+    }
+    health.update(over)
+    return health
+
+
+def test_agent_metrics_from_health_check() -> None:
+    text = agent_metrics_text(_health()).decode()
+    families = _families(text)
+    assert all(name.startswith("agent_client_") for name in families)
+
+    def value(name: str, **labels: str) -> float:
+        family = name.removesuffix("_total")
+        for suffix in ("_bucket", "_count", "_sum"):
+            if family.endswith(suffix) and family.removesuffix(suffix) in families:
+                family = family.removesuffix(suffix)
+        return families[family][1][(name, tuple(sorted({"agent": "a-1", **labels}.items())))]
+
+    assert value("agent_client_blocked") == 1.0 and value("agent_client_blocked_seconds") == 30.0
+    assert value("agent_client_backlog_changes") == 4.0 and value("agent_client_backlog_oldest_age_seconds") == 31.5
+    assert (value("agent_client_last_committed_seq"), value("agent_client_acked_seq")) == (9.0, 5.0)
+    assert value("agent_client_last_ack_age_seconds") == 40.0
+    assert value("agent_client_records_published_total") == 3.0
+    assert value("agent_client_publish_latency_seconds_count") == 3.0
+    assert value("agent_client_publish_latency_seconds_bucket", le="0.0005") == 1.0
+    assert value("agent_client_publish_latency_seconds_bucket", le="+Inf") == 3.0
+    assert value("agent_client_follow_live", follow="b.t") == 1.0
+    assert "agent_client_local_db_ok" not in families  # not checked: absent, not 0
+    assert value("agent_client_publisher_running") == 1.0 and value("agent_client_nats_connected") == 1.0
+
+
+def test_agent_metrics_when_nothing_was_ever_published() -> None:
+    health = _health(blocked=None, blocked_since=None, last_publish_at=None, acked_seq=None, publisher_running=False)
+    families = _families(agent_metrics_text(health).decode())
+    assert "agent_client_last_ack_age_seconds" not in families and "agent_client_acked_seq" not in families
+    assert families["agent_client_blocked_seconds"][1] == {("agent_client_blocked_seconds", (("agent", "a-1"),)): 0.0}
+    assert families["agent_client_publisher_running"][1] == {
+        ("agent_client_publisher_running", (("agent", "a-1"),)): 0.0
+    }
+
+
+def test_agent_metrics_without_prometheus_client_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # what an environment without it looks like
+    with pytest.raises(MetricsUnavailable, match="pip install"):
+        agent_metrics_text(_health())
+
+
+def test_agent_client_imports_without_prometheus_client() -> None:
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None\n"
+        "import agent_client\n"
+        "try:\n    agent_client.agent_metrics_text({})\n"
+        "except agent_client.MetricsUnavailable as e:\n    print('ok', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.startswith("ok agent metrics need prometheus-client"), out.stdout + out.stderr
