@@ -32,11 +32,13 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from agent_client import RECORD_VERSION, STREAM_NAME, RelayRow, changes_subject, is_valid_agent_id, query_subject
 
 from ._version import __version__
+from .api_docs import install_api_docs
 from .api_models import BatchWrite, ImmediateWrite, QueryRequest, ResyncRequest
 from .auth import Principal
 from .auth_backend import TokenAuthBackend, in_scope, operator_only, principal
 from .backup import backup_response
 from .body_limit import BodyLimit
+from .console import install_console
 from .consumer import Consumer
 from .errors import (
     BadRequest,
@@ -120,6 +122,8 @@ def create_app(service: ReplicatorService) -> FastAPI:
         title="commander-replicator relay API",
         version=__version__,
         description="Central query and relay API of Commander OS agent storage (the HTPC).",
+        docs_url=None,  # /docs and /redoc are served from local assets (api_docs), never from a CDN
+        redoc_url=None,
     )
     _install_error_handlers(app)
     defaults_used: set[Attribution] = set()
@@ -286,6 +290,48 @@ def create_app(service: ReplicatorService) -> FastAPI:
             raise UnknownAgent(f"no data from agent {agent_id!r} yet")
         return found
 
+    @app.get("/relay/agents/{agent_id}/tables", tags=["info"])
+    async def relay_agent_tables(agent_id: str, who: Principal | None = Depends(principal)) -> dict[str, Any]:
+        """The agent's central tables: name, source (agent / relay), visibility, columns with types, primary key.
+
+        The columns of another agent's `on_demand` table are left out (`columns: null`) for an agent token;
+        `always` tables show what their change feed's schema message shows to any caller.
+        """
+        if not is_valid_agent_id(agent_id):
+            raise InvalidAgent(f"invalid agent id {agent_id!r}")
+        view = service.store.view if service.store is not None else None
+        found = view.agent(agent_id) if view is not None else None
+        if found is None:
+            raise UnknownAgent(f"no data from agent {agent_id!r} yet")
+        own = who is None or who.is_operator or who.name == agent_id
+        tables = []
+        for name in sorted(found.tables):
+            table = found.tables[name]
+            shown = own or table.visibility == "always"
+            tables.append(
+                {
+                    "name": table.name,
+                    "source": table.source,
+                    "visibility": table.visibility,
+                    "columns": [{"name": c, "type": t} for c, t in zip(table.columns, table.types, strict=False)]
+                    if shown
+                    else None,
+                    "pk": list(table.pk) if shown else None,
+                }
+            )
+        return {"agent_id": agent_id, "tables": tables}
+
+    @app.get("/relay/whoami", tags=["info"])
+    async def relay_whoami(who: Principal | None = Depends(principal)) -> dict[str, Any]:
+        """Who the caller's token is: `{"auth", "kind": "agent"|"operator"|null, "name", "operator"}`.
+
+        With authentication off: `auth: false` and `operator: true` (every endpoint is open). 401 without a
+        valid token when it is on. The console uses it to offer the operator actions only to operators.
+        """
+        if who is None:
+            return {"auth": False, "kind": None, "name": None, "operator": True}
+        return {"auth": True, "kind": who.kind, "name": who.name, "operator": who.is_operator}
+
     @app.get("/relay/dead-letters", tags=["info"])
     async def dead_letters(
         agent_id: str | None = None, limit: int = 100, who: Principal | None = Depends(principal)
@@ -364,6 +410,8 @@ def create_app(service: ReplicatorService) -> FastAPI:
         operator_only(who)
         return PlainTextResponse(render_metrics(service_status(service)), media_type="text/plain; version=0.0.4")
 
+    install_api_docs(app)
+    install_console(app)
     app.add_middleware(AuthenticationMiddleware, backend=TokenAuthBackend(lambda: service.auth))
     app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # outermost: nothing reads an oversized body
     return app
