@@ -46,6 +46,10 @@ def consumer_config(
     )
 
 
+#: JetStream's error code for "stream name already in use" (with another configuration).
+STREAM_NAME_IN_USE = 10058
+
+
 async def ensure_stream(js: JetStreamContext, *, replicas: int = 1, max_age_s: float = 0.0) -> None:
     try:
         await js.stream_info(STREAM_NAME)
@@ -64,6 +68,9 @@ async def ensure_stream(js: JetStreamContext, *, replicas: int = 1, max_age_s: f
     )
     try:
         await js.add_stream(config)
-    except nats.js.errors.BadRequestError:
-        # Another process created it between our lookup and our create.
+    except nats.js.errors.BadRequestError as exc:
+        # 10058 "stream name already in use": another process created it between our lookup and our create.
+        # Any other refusal (e.g. 10005, no suitable peers for the replicas asked) is the caller's to see.
+        if exc.err_code != STREAM_NAME_IN_USE:
+            raise
         await js.stream_info(STREAM_NAME)

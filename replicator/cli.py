@@ -1,6 +1,7 @@
 """`replicator` command line: the argument parser and the dispatch to each command's module.
 
-serve (serve.py), rebuild (rebuild.py), restore (backup.py), auth (auth_cli.py);
+serve (serve.py), rebuild (rebuild.py), restore (backup.py), auth (auth_cli.py),
+stream (stream_admin.py: the AGENT_CHANGES stream on NATS, no `nats` tool needed);
 status, dead-letters, resync and backup talk to a running HTPC over its relay
 API (remote.py, backup.py); log lines are formatted by log_format.py. An
 unknown argument is reported with the usage of the command it was given to.
@@ -116,6 +117,138 @@ def _remote(p: argparse.ArgumentParser) -> None:
     """--url and --token of the commands that talk to a running HTPC."""
     p.add_argument("--url", default=env("URL", "http://127.0.0.1:8000"), help="HTPC URL [REPLICATOR_URL]")
     p.add_argument("--token", default=env("TOKEN"), help="operator token when auth is on [REPLICATOR_TOKEN]")
+
+
+def _replicas(text: str) -> int:
+    """A stream replica count, 1..5 (an argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of replicas") from None
+    if not 1 <= value <= 5:
+        raise argparse.ArgumentTypeError(f"{value}: JetStream keeps 1 to 5 replicas of a stream")
+    return value
+
+
+def _stream_parsers(sub: Any) -> None:
+    """`replicator stream info|create|set-replicas`: the AGENT_CHANGES stream, on the NATS `serve` uses."""
+    p_stream = _leaf(
+        sub.add_parser(
+            "stream",
+            help="the AGENT_CHANGES stream: info, create, set-replicas (no `nats` tool needed)",
+            description="Look at and manage the AGENT_CHANGES stream on the NATS server or cluster the "
+            "replicator uses (--nats-url; without it, the embedded server of --data-dir's running serve). "
+            "Exit status: 0 done, 1 a named error (NATS unreachable, no stream, a change JetStream refused), "
+            "2 bad arguments.",
+        )
+    )
+    stream_sub = p_stream.add_subparsers(dest="stream_command", required=True)
+
+    def connection(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--nats-url",
+            default=env("NATS_URL"),
+            help="the NATS server/cluster holding the stream (comma-separated) [REPLICATOR_NATS_URL]",
+        )
+        p.add_argument(
+            "--data-dir",
+            default=env("DATA_DIR", "data"),
+            help="without --nats-url: use this data directory's embedded server; its `replicator auth` key "
+            "is used when there is no --nats-seed-file [REPLICATOR_DATA_DIR]",
+        )
+        p.add_argument(
+            "--nats-seed-file",
+            default=env("NATS_SEED_FILE"),
+            help="the replicator's nkey seed for a secured NATS [REPLICATOR_NATS_SEED_FILE]",
+        )
+        p.add_argument("--nats-tls-ca", default=env("NATS_TLS_CA"), help="CA of the NATS server's certificate")
+        p.add_argument("--timeout", type=duration, default=10.0, help="seconds to keep trying to reach NATS")
+        p.add_argument("--json", action="store_true", help="JSON instead of a table")
+        p.add_argument("--log-level", default=env("LOG_LEVEL", "error"), choices=["debug", "info", "warning", "error"])
+
+    def wait(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--wait",
+            type=duration,
+            default=60.0,
+            help="how long to wait for every replica to be caught up before reporting (default 60s)",
+        )
+
+    p_info = _leaf(stream_sub.add_parser("info", help="the stream's configuration, state, leader and replicas"))
+    connection(p_info)
+    p_create = _leaf(
+        stream_sub.add_parser(
+            "create",
+            help="create the stream as `replicator serve` would (before the first agent connects)",
+            description="Do to AGENT_CHANGES what `replicator serve` does when it starts: create it if it is "
+            "missing, with --replicas; then give it at least that many replicas, both subjects, a bound on one "
+            "message and the HTPC's retention. Other settings of an existing stream are left alone.",
+        )
+    )
+    connection(p_create)
+    wait(p_create)
+    p_create.add_argument(
+        "--replicas",
+        dest="stream_replicas",
+        type=_replicas,
+        default=env("STREAM_REPLICAS"),
+        help="replicas (3 on a 3-node cluster) [default 1; REPLICATOR_STREAM_REPLICAS]",
+    )
+    for name, flag, kind, help_text in RECOVERY_FLAGS:
+        if name in ("stream_max_age_s", "stream_max_bytes"):
+            variable = flag.replace("-", "_").upper()
+            p_create.add_argument(
+                f"--{flag}",
+                dest=name,
+                type=kind,
+                default=env(variable),
+                help=f"{help_text} [default {Settings.model_fields[name].default}; REPLICATOR_{variable}]",
+            )
+    p_create.add_argument(
+        "--max-record-bytes",
+        type=int,
+        default=env("MAX_RECORD_BYTES"),
+        help=f"largest message the stream accepts [default {Settings.model_fields['max_record_bytes'].default}; "
+        "REPLICATOR_MAX_RECORD_BYTES]",
+    )
+    p_set = _leaf(
+        stream_sub.add_parser(
+            "set-replicas",
+            help="raise or lower the replicas of the existing stream (data is kept and copied)",
+            description="Set the replicas of the existing AGENT_CHANGES (JetStream copies the messages to new "
+            "replicas), wait until every replica is caught up (--wait), and show the stream.",
+        )
+    )
+    p_set.add_argument("replicas", type=_replicas, help="1 to 5 (at most the number of JetStream servers)")
+    connection(p_set)
+    wait(p_set)
+
+
+def _stream(args: argparse.Namespace) -> int:
+    from agent_client import CredentialsError
+
+    from .stream_admin import stream_command
+
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        print(f"replicator: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    try:
+        return stream_command(
+            args.stream_command,
+            settings,
+            replicas=getattr(args, "replicas", None),
+            as_json=args.json,
+            wait_s=getattr(args, "wait", 0.0),
+            timeout_s=args.timeout,
+        )
+    except KeyboardInterrupt:
+        return 130
+    except (ReplicatorError, CredentialsError) as exc:
+        print(f"replicator: {exc}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_backup = _leaf(sub.add_parser("backup", help="an online, consistent backup of a running HTPC's central store"))
     _remote(p_backup)
     p_backup.add_argument("--to", dest="dest", required=True, help="directory to write the backup into")
+    _stream_parsers(sub)
     return parser
 
 
@@ -303,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         from .auth_cli import auth_command
 
         return auth_command(args)
+    if args.command == "stream":
+        return _stream(args)
     try:
         settings = settings_from_args(args)
     except ValueError as exc:

@@ -121,6 +121,13 @@ class StreamMisconfigured(ReplicatorError):
     code = "stream_misconfigured"
 
 
+class StreamNotFound(ReplicatorError):
+    """There is no AGENT_CHANGES stream on the NATS server or cluster (`replicator stream create` makes it)."""
+
+    code = "stream_not_found"
+    status = 404
+
+
 class DeadLetterNotFound(ReplicatorError):
     """No dead letter with that id (never stored, retried, discarded or pruned)."""
 

@@ -22,14 +22,11 @@ import time
 from typing import Any
 
 import nats
-import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from agent_client import (
     REPLICATOR_INBOX,
-    STREAM_NAME,
-    STREAM_SUBJECTS,
     Backoff,
     ensure_stream,
     read_seed,
@@ -41,13 +38,14 @@ from .central_store import CentralStore
 from .consumer import Consumer
 from .dead_letters import DeadLetterStore
 from .embedded_nats import EmbeddedNats
-from .errors import NatsUnavailable, StreamMisconfigured
+from .errors import NatsUnavailable
 from .feed_hub import FeedHub
 from .query_engine import QueryEngine
 from .relay_writer import RelayWriter
 from .resync import ResyncCoordinator
 from .settings import Settings
 from .snapshots import Snapshots
+from .stream_admin import reconcile_stream
 from .stream_watch import StreamWatch
 
 log = logging.getLogger("replicator")
@@ -66,10 +64,10 @@ async def connect_nats(
 
     while time.monotonic() < deadline:
         try:
-            return await nats.connect(
-                **reconnecting_options(url, name),
-                error_cb=_quiet,
-                **(options or {}),
+            # nats-py's first connect retries for ever with max_reconnect_attempts=-1: bound it by the deadline
+            return await asyncio.wait_for(
+                nats.connect(**reconnecting_options(url, name), error_cb=_quiet, **(options or {})),
+                timeout=max(0.1, deadline - time.monotonic()),
             )
         except Exception as exc:  # nats raises several unrelated types for "not reachable"
             last = exc
@@ -212,51 +210,11 @@ class ReplicatorService:
         log.info("replicator started: data %s, NATS %s", s.data_dir, self.nats_url)
 
     async def _reconcile_stream(self) -> int:
-        """Bring AGENT_CHANGES to what the HTPC needs, leaving every other setting as the operator made it.
-
-        - at least --stream-replicas (an agent may have created it with 1);
-        - both subjects (a stream made by an older version captures change records only, not relay writes);
-        - a bound on one message (--max-record-bytes) where the stream has none;
-        - the retention of --stream-max-age and --stream-max-bytes (the HTPC owns it: snapshots and resync make
-          recovery independent of the stream's full history).
-        """
+        """Bring AGENT_CHANGES to what the HTPC needs (`stream_admin.reconcile_stream`, also behind
+        `replicator stream create`); returns its replicas."""
         assert self.js is not None
-        info = await self.js.stream_info(STREAM_NAME)
-        config = info.config
-        have = config.num_replicas or 1
-        want = self.settings.stream_replicas
-        changes: list[str] = []
-        if have < want:
-            config.num_replicas = want
-            changes.append(f"replicas {have} -> {want}")
-        missing = [s for s in STREAM_SUBJECTS if s not in (config.subjects or [])]
-        if missing:
-            config.subjects = [*(config.subjects or []), *missing]
-            changes.append(f"subjects + {', '.join(missing)}")
-        if not config.max_msg_size or config.max_msg_size < 0:
-            config.max_msg_size = self.settings.max_record_bytes
-            changes.append(f"max message size {self.settings.max_record_bytes} bytes")
-        max_age = self.settings.stream_max_age_s
-        if abs((config.max_age or 0.0) - max_age) > 0.5:
-            changes.append(f"max age {config.max_age or 0:g}s -> {max_age:g}s")
-            config.max_age = max_age
-        if max_age > 0 and (config.duplicate_window or 0.0) > max_age:
-            # JetStream refuses a duplicate window longer than the age limit.
-            changes.append(f"duplicate window {config.duplicate_window:g}s -> {max_age:g}s")
-            config.duplicate_window = max_age
-        max_bytes = self.settings.stream_max_bytes
-        if (config.max_bytes if config.max_bytes is not None else -1) != max_bytes:
-            changes.append(f"max bytes {config.max_bytes} -> {max_bytes}")
-            config.max_bytes = max_bytes
-        if changes:
-            try:
-                info = await self.js.update_stream(config)
-            except nats.js.errors.Error as exc:
-                raise StreamMisconfigured(
-                    f"stream {STREAM_NAME} could not be updated ({'; '.join(changes)}): {exc}"
-                ) from exc
-            log.warning("stream %s updated: %s", STREAM_NAME, "; ".join(changes))
-        return info.config.num_replicas or want
+        info, _changes = await reconcile_stream(self.js, self.settings)
+        return info.config.num_replicas or self.settings.stream_replicas
 
     async def _watch_auth(self) -> None:
         """Pick up `replicator auth add-agent/revoke` made while serving: API tokens and NATS keys."""
