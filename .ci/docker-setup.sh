@@ -5,6 +5,8 @@
 # mirror, start dockerd without bridge/iptables (containers use host networking), and build the image
 # commander-replicator/nats-server:test with `docker import` from the static nats-server binary of the
 # venv. Any failure only means the tests use the binary backend, so this script ALWAYS exits 0.
+# It also installs docker-compose and debootstrap when missing, for tests/test_deploy_compose.py (which
+# builds its own images: tests/support/docker_images.py).
 #
 # Usage: bash .ci/docker-setup.sh [path/to/nats-server]   (default: .venv/bin/nats-server)
 # Env:   DOCKER_SETUP_STORAGE_DRIVER=<driver> forces a storage driver (default: dockerd's choice, then vfs).
@@ -125,6 +127,19 @@ if ! command -v dockerd >/dev/null 2>&1; then
     command -v dockerd >/dev/null 2>&1 || unavailable "docker.io installed but dockerd not on PATH"
 fi
 command -v docker >/dev/null 2>&1 || unavailable "docker CLI not on PATH"
+
+# --- 1b. tools of tests/test_deploy_compose.py (it skips without them; never fatal here) --------------
+missing_pkgs=()
+command -v docker-compose >/dev/null 2>&1 || missing_pkgs+=(docker-compose)
+command -v debootstrap >/dev/null 2>&1 || missing_pkgs+=(debootstrap)
+if ((${#missing_pkgs[@]})) && [[ "$(id -u)" == 0 ]]; then
+    log "installing ${missing_pkgs[*]} from the Debian mirror (for the compose test)"
+    export DEBIAN_FRONTEND=noninteractive
+    { timeout 300 apt-get update -qq \
+        && timeout 600 apt-get install -y -qq --no-install-recommends "${missing_pkgs[@]}"; } \
+        >/tmp/docker-setup-apt-compose.log 2>&1 \
+        || log "installing ${missing_pkgs[*]} failed (see /tmp/docker-setup-apt-compose.log); the compose test will skip"
+fi
 
 # --- 2. start the engine -----------------------------------------------------------------------------
 DOCKERD_PID=""

@@ -307,8 +307,10 @@ def test_dockerfile_builds_the_replicator(monkeypatch: pytest.MonkeyPatch) -> No
     text = DOCKERFILE.read_text()
     joined = re.sub(r"\\\n\s*", " ", text)
     froms = re.findall(r"^FROM\s+(\S+)", joined, flags=re.MULTILINE)
-    assert froms == ["python:3.11-slim"]
-    assert re.search(r"^RUN pip install \.", joined, flags=re.MULTILINE)
+    assert froms == ["${BASE}"], "the base image is a build argument"
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", joined, flags=re.MULTILINE))
+    assert args.get("BASE") == "python:3.11-slim", "users get the official Python image by default"
+    assert re.search(r"^RUN python3 -m venv (\S+) && \1/bin/pip install \.", joined, flags=re.MULTILINE)
     for source in re.findall(r"^COPY\s+(.+?)\s+\S+\s*$", joined, flags=re.MULTILINE):
         for item in source.split():
             assert (REPO / item).exists(), f"COPY {item}: not in the repository (build context is the repo root)"
