@@ -196,14 +196,7 @@ def _stream_parsers(sub: Any) -> None:
     )
     for name, flag, kind, help_text in RECOVERY_FLAGS:
         if name in ("stream_max_age_s", "stream_max_bytes"):
-            variable = flag.replace("-", "_").upper()
-            p_create.add_argument(
-                f"--{flag}",
-                dest=name,
-                type=kind,
-                default=env(variable),
-                help=f"{help_text} [default {Settings.model_fields[name].default}; REPLICATOR_{variable}]",
-            )
+            _settings_flag(p_create, name, flag, kind, help_text)
     p_create.add_argument(
         "--max-record-bytes",
         type=int,
@@ -249,6 +242,20 @@ def _stream(args: argparse.Namespace) -> int:
     except (ReplicatorError, CredentialsError) as exc:
         print(f"replicator: {exc}", file=sys.stderr)
         return 1
+
+
+def _settings_flag(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, flag: str, kind: type, help_text: str
+) -> None:
+    """`--flag` for the Settings field `name`, defaulting to its REPLICATOR_* variable; the help names both."""
+    variable = flag.replace("-", "_").upper()
+    parser.add_argument(
+        f"--{flag}",
+        dest=name,
+        type=kind,
+        default=env(variable),
+        help=f"{help_text} [default {Settings.model_fields[name].default}; REPLICATOR_{variable}]",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,15 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     recovery = p_serve.add_argument_group("recovery", "retention, snapshots, resync (README: Operations)")
     for name, flag, kind, help_text in RECOVERY_FLAGS:
-        default = Settings.model_fields[name].default
-        variable = flag.replace("-", "_").upper()
-        recovery.add_argument(
-            f"--{flag}",
-            dest=name,
-            type=kind,
-            default=env(variable),
-            help=f"{help_text} [default {default}; REPLICATOR_{variable}]",
-        )
+        _settings_flag(recovery, name, flag, kind, help_text)
 
     p_rebuild = _leaf(
         sub.add_parser("rebuild", help="rebuild the central store from the stream (serve must be stopped)")

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import settings
 
 from tests.support.htpc import HtpcProcess
+from tests.support.nats_cluster import NatsCluster
 from tests.support.nats_server import NatsServer, start_nats_server
 
 settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -81,3 +82,14 @@ def module_htpc_fixture(module_nats: NatsServer, tmp_path_factory: pytest.TempPa
         proc.stop()
     finally:
         proc.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A 3-node NATS cluster from deploy/nats/cluster/ on free loopback ports (tests/support/nats_cluster.py)."""
+    c = NatsCluster(tmp_path / "cluster")
+    try:
+        c.start()
+        yield c
+    finally:
+        c.close()

@@ -19,7 +19,7 @@ import json
 import re
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,14 +56,6 @@ MAX_LOCAL_WRITE_S = 0.5  # "local writes never wait on the network": far below N
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
-    c = NatsCluster(tmp_path / "cluster")
-    try:
-        c.start()
-        yield c
-    finally:
-        c.close()
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,14 +189,6 @@ async def test_embedded_server_of_a_data_dir_with_its_credentials(
 
 
 # ------------------------------------------------------------------------------------------ cluster
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
-    c = NatsCluster(tmp_path / "cluster")
-    try:
-        c.start()
-        yield c
-    finally:
-        c.close()
 
 
 async def node_states(
