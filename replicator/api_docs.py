@@ -8,7 +8,8 @@ Google Fonts from the internet, so on an HTPC without internet they are blank.
 `/docs-assets/`, and answers the pages with a Content-Security-Policy that lets
 the browser load nothing from another origin (ReDoc's bundle would otherwise
 fetch the Redocly logo from its CDN; Swagger UI's validator badge is turned
-off). The pages follow the ASGI `root_path`, as FastAPI's do.
+off), `X-Content-Type-Options: nosniff` and `Referrer-Policy: no-referrer`.
+The pages follow the ASGI `root_path`, as FastAPI's do.
 
 Call it on an app built with `FastAPI(docs_url=None, redoc_url=None)`; on an
 app that still has FastAPI's CDN pages, those routes are replaced.
@@ -29,6 +30,7 @@ __all__ = [
     "ASSETS_URL",
     "CONTENT_SECURITY_POLICY",
     "DOCS_URL",
+    "PAGE_HEADERS",
     "REDOC_URL",
     "assets_dir",
     "install_api_docs",
@@ -56,6 +58,13 @@ CONTENT_SECURITY_POLICY = "; ".join(
     ]
 )
 
+#: Every docs page's security headers: the policy above, no content sniffing, no Referer sent anywhere.
+PAGE_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
 #: Swagger UI would show a badge image from validator.swagger.io for a spec served from a non-local host.
 _SWAGGER_UI_OVERRIDES = {"validatorUrl": None}
 _OAUTH2_REDIRECT_URL = DOCS_URL + "/oauth2-redirect"
@@ -72,7 +81,7 @@ def _root(request: Request) -> str:
 
 
 def _no_cdn(response: HTMLResponse) -> HTMLResponse:
-    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response.headers.update(PAGE_HEADERS)
     return response
 
 

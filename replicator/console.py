@@ -4,10 +4,12 @@ The page and its assets (`_console_assets/`: index.html, console.js, console.css
 the package and carry no data: everything the page shows it reads with `fetch()` from the same relay API
 endpoints any client uses (`/relay/agents`, `/relay/query`, `/relay/changes`, the operator endpoints), sending
 the token the person typed as `Authorization: Bearer` (kept in the tab's sessionStorage, never in a URL). So
-the console opens no new way in: every action passes the endpoints' own checks.
+the console opens no new way in: every action passes the endpoints' own checks. The page names its assets
+and the endpoints by relative URLs, so it also works behind a reverse proxy that serves it under a path prefix.
 
 Every console response carries a strict Content-Security-Policy (scripts and styles from these files only, no
-inline script, connections to this origin only, no framing), `X-Content-Type-Options: nosniff`,
+inline script, connections to this origin only, no framing, Trusted Types required with no policy: no string
+ever reaches an HTML or script sink), `X-Content-Type-Options: nosniff`,
 `X-Frame-Options: DENY` and `Referrer-Policy: no-referrer`.
 """
 
@@ -40,6 +42,8 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "base-uri 'none'",
         "form-action 'none'",
         "frame-ancestors 'none'",
+        "require-trusted-types-for 'script'",
+        "trusted-types 'none'",
     )
 )
 

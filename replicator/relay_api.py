@@ -294,8 +294,10 @@ def create_app(service: ReplicatorService) -> FastAPI:
     async def relay_agent_tables(agent_id: str, who: Principal | None = Depends(principal)) -> dict[str, Any]:
         """The agent's central tables: name, source (agent / relay), visibility, columns with types, primary key.
 
-        The columns of another agent's `on_demand` table are left out (`columns: null`) for an agent token;
-        `always` tables show what their change feed's schema message shows to any caller.
+        `always` tables show what their change feed's schema message shows to any caller. The columns and
+        primary key of an `on_demand` table are shown to operators, to the agent itself and to agents it
+        shares them with (`replicator auth share OWNER --with READER`: those its queries may read); any other
+        agent token gets `columns: null` and `pk: null`.
         """
         if not is_valid_agent_id(agent_id):
             raise InvalidAgent(f"invalid agent id {agent_id!r}")
@@ -303,11 +305,17 @@ def create_app(service: ReplicatorService) -> FastAPI:
         found = view.agent(agent_id) if view is not None else None
         if found is None:
             raise UnknownAgent(f"no data from agent {agent_id!r} yet")
-        own = who is None or who.is_operator or who.name == agent_id
+        auth = service.auth
+        reads_on_demand = (
+            who is None
+            or who.is_operator
+            or who.name == agent_id
+            or (auth is not None and auth.may_read_on_demand(who.name, agent_id))
+        )
         tables = []
         for name in sorted(found.tables):
             table = found.tables[name]
-            shown = own or table.visibility == "always"
+            shown = reads_on_demand or table.visibility == "always"
             tables.append(
                 {
                     "name": table.name,

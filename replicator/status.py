@@ -14,6 +14,8 @@ change the agent published or reported, minus what the central store applied.
 job: NATS, the consumer, apply failures, blocked agents (the HTPC's reason or
 the agent's own), resyncs not finished, the central store behind the stream
 and not moving for `stuck_after` seconds, and the stream watch failing.
+Each agent also carries one word, its `state` (`agent_state`): blocked,
+stuck, lagging, idle or ok, so that no reader has to derive it again.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class AgentMeasure:
     reported_last_seq: int | None  # its newest committed change, as it last reported
     reported_at: float | None  # when it last reported
 
+    def stuck(self, stuck_after: float) -> bool:
+        """Behind what exists and not moving for `stuck_after` seconds (a problem /health names)."""
+        return self.behind_for_s is not None and self.behind_for_s >= stuck_after
+
 
 @dataclass(frozen=True)
 class ResyncCounts:
@@ -56,14 +62,44 @@ class ResyncCounts:
     failed: int = 0
 
 
+#: No record from an agent this long (and nothing to apply): "idle". The HTPC cannot tell an idle agent (it
+#: sends nothing while nothing changes) from one that is switched off.
+IDLE_AFTER_S = 600.0
+
+#: The agent states `agent_status` names (its "state"), most pressing first.
+AGENT_STATES = ("blocked", "stuck", "lagging", "idle", "ok")
+
+
+def agent_state(agent: AgentView, measure: AgentMeasure, *, now: float, stuck_after: float = STUCK_AFTER_S) -> str:
+    """One word for the agent: `blocked` (by the HTPC, or by its own report), `stuck` (behind and not moving
+    for `stuck_after` seconds: the rule /health names as a problem), `lagging` (changes not applied yet),
+    `idle` (nothing to apply and no record for `IDLE_AFTER_S`), else `ok`."""
+    if agent.blocked or measure.reported_blocked:
+        return "blocked"
+    if measure.stuck(stuck_after):
+        return "stuck"
+    if measure.lag.lag_changes > 0:
+        return "lagging"
+    if agent.last_seen is None or now - agent.last_seen >= IDLE_AFTER_S:
+        return "idle"
+    return "ok"
+
+
 def agent_status(
-    agent: AgentView, *, dead_letters: int, now: float, measure: AgentMeasure | None = None
+    agent: AgentView,
+    *,
+    dead_letters: int,
+    now: float,
+    measure: AgentMeasure | None = None,
+    stuck_after: float = STUCK_AFTER_S,
 ) -> dict[str, Any]:
-    """One agent as `/relay/agents` shows it: epoch, watermark, lag, last seen, tables, dead letters, blocked."""
+    """One agent as `/relay/agents` shows it: state, epoch, watermark, lag, last seen, tables, dead letters,
+    blocked."""
     applied_at, committed_at, last_seen = agent.applied_at, agent.committed_at, agent.last_seen
     measure = measure or _measure(agent, None, StreamFacts(), now)
     return {
         "agent_id": agent.agent_id,
+        "state": agent_state(agent, measure, now=now, stuck_after=stuck_after),
         "epoch": agent.epoch,
         "watermark": agent.watermark,
         "head_seq": agent.head_seq,
@@ -237,9 +273,9 @@ class Status:
                 f"not acknowledged, the ack floor at stream seq {facts.ack_floor} for {still:.0f}s"
             )
         for agent_id, measure in self.measures.items():
-            behind = measure.behind_for_s
-            if agent_id in named or behind is None or behind < self.stuck_after:
+            if agent_id in named or not measure.stuck(self.stuck_after):
                 continue
+            behind = measure.behind_for_s or 0.0
             lag = measure.lag
             what = "its new epoch, which the HTPC has not started" if lag.new_epoch else "what it published"
             changes = f"{lag.lag_changes} change{'s' if lag.lag_changes != 1 else ''}"
@@ -272,6 +308,7 @@ class Status:
             dead_letters=self.dead_letters.get(agent.agent_id, 0),
             now=self.now,
             measure=self.measures.get(agent.agent_id),
+            stuck_after=self.stuck_after,
         )
 
     def health(self) -> dict[str, Any]:

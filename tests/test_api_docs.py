@@ -89,6 +89,8 @@ async def test_pages_reference_only_same_origin_urls(client: httpx.AsyncClient, 
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
     assert "http://" not in resp.text and "https://" not in resp.text, resp.text  # no CDN, font or favicon host
     assert resp.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert resp.headers["x-content-type-options"] == "nosniff"
+    assert resp.headers["referrer-policy"] == "no-referrer"
     for url in references(resp.text):
         assert same_origin(url), f"{page} references {url}"
 
@@ -286,11 +288,11 @@ def test_chromium_control_stock_cdn_docs_stay_blank_offline(chromium_profile: Pa
     assert "cdn.jsdelivr.net" in recorder.hosts(), recorder.requests
 
 
-def test_real_server_serves_the_assets(recorder: _Recorder) -> None:
+def test_real_server_serves_the_assets() -> None:
     """The loopback uvicorn server used above answers real HTTP (checked without a browser too)."""
     with _Served(probe_app()) as served:
         resp = httpx.get(f"{served.url}{ASSETS_URL}/swagger-ui.css", timeout=30)
         page = httpx.get(f"{served.url}/redoc", timeout=30)
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/css")
     assert page.status_code == 200 and page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
-    assert recorder.requests == []
+    assert page.headers["x-content-type-options"] == "nosniff" and page.headers["referrer-policy"] == "no-referrer"

@@ -5,17 +5,21 @@ through that chromedriver (selenium-manager never asked). The page is used as a 
 the agent and follow its writes without a reload, browse a table, answer a query (and show an error
 plainly), follow a table's change feed live, show a blocked agent as blocked and heal it with a resync
 confirmed in the page; with authentication on it asks for a token, offers the operator actions only to an
-operator, and no request URL ever carries the token (Chromium's performance log). The agents run on this
-test's event loop, so every blocking selenium wait runs in a thread (`until`).
+operator, keeps the token in sessionStorage only (never localStorage, gone after sign-out), and no request URL
+ever carries the token (Chromium's performance log). Each test opens the page itself and makes the agents it
+looks for. The agents run on this test's event loop, so every blocking selenium wait runs in a thread (`until`).
 
-Saves a screenshot of the console to docs/console.png (for the README).
+The screenshot test writes its picture to tmp_path, or to the path in the environment variable
+CONSOLE_SCREENSHOT (`CONSOLE_SCREENSHOT=docs/console.png` refreshes the README's).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
+import os
+import re
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -29,6 +33,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from agent_client import AgentStorage, Migration
+from replicator.data_dir import DataDir
 from tests.support.browser import find_chromium, network_requests, save_screenshot, start_chromium
 from tests.support.credentials import make_credentials
 from tests.support.htpc import HtpcProcess, agent_session, apoll, settle_agent
@@ -36,13 +41,17 @@ from tests.support.nats_server import NatsServer, start_nats_server
 
 T = TypeVar("T")
 
-REPO = Path(__file__).resolve().parent.parent
-SCREENSHOT = REPO / "docs" / "console.png"
+TOKEN_KEY = "replicator-console-token"  # console.js keeps the token under this sessionStorage key
 
 REQUISITIONS = Migration(
     1, "CREATE TABLE requisitions (id INTEGER PRIMARY KEY, title TEXT NOT NULL, team TEXT, status TEXT, salary REAL)"
 )
 NOTES = Migration(1, "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+INTERVIEWS = Migration(
+    1,
+    "CREATE TABLE interviews (id INTEGER PRIMARY KEY, candidate TEXT, stage TEXT);\n"
+    "CREATE TABLE feedback (id INTEGER PRIMARY KEY, interview_id INTEGER, score INTEGER)",
+)
 TITLES = ["Backend engineer", "Data analyst", "SRE", "Product designer", "QA lead", "Recruiter", "ML engineer"]
 TEAMS = ["platform", "growth", "infra", "design", "quality", "people", "research"]
 
@@ -148,6 +157,20 @@ def table_texts(driver: WebDriver, selector: str) -> list[list[str]]:
     ]
 
 
+def policy_violations(driver: WebDriver) -> list[str]:
+    """What the browser's console said about the Content-Security-Policy or Trusted Types since the last call."""
+    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]
+    words = ("Content Security Policy", "Content-Security-Policy", "Trusted Type", "TrustedHTML", "TrustedScript")
+    return [str(e.get("message")) for e in entries if any(w in str(e.get("message")) for w in words)]
+
+
+def charts_full(driver: WebDriver) -> bool:
+    """Every agent's lag chart starts at its left edge (it spreads what the page saw over at least 5 s)."""
+    lines = driver.find_elements(By.CSS_SELECTOR, "#agents-body .chart polyline")
+    starts = [(line.get_attribute("points") or "").split(",", 1)[0] for line in lines]
+    return bool(starts) and all(x and float(x) < 2.0 for x in starts)
+
+
 def tab(driver: WebDriver, name: str) -> None:
     driver.find_element(By.CSS_SELECTOR, f'#tabs button[data-tab="{name}"]').click()
 
@@ -172,11 +195,16 @@ def test_the_page_and_its_assets_carry_security_headers_and_no_data(console_htpc
         assert resp.status_code == 200 and kind in resp.headers["content-type"], (path, resp.headers)
         csp = resp.headers["content-security-policy"]
         assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "'unsafe-inline'" not in csp
+        assert "require-trusted-types-for 'script'" in csp and "trusted-types 'none'" in csp
         assert resp.headers["x-content-type-options"] == "nosniff"
         assert resp.headers["x-frame-options"] == "DENY"
     page = console_htpc.get("/").text
     assert "<script>" not in page and " style=" not in page and "on" + "click=" not in page  # nothing inline
-    assert "/console/console.js" in page
+    # relative URLs only: the console works behind a reverse proxy's path prefix
+    assert 'src="console/console.js"' in page and 'href="console/console.css"' in page
+    assert not re.search(r'(src|href)="/', page), page
+    script = console_htpc.get("/console/console.js").text
+    assert '"/relay' not in script and '"/health' not in script and 'api("relay/agents")' in script
 
 
 async def test_agents_lag_tables_query_and_live_feed(
@@ -218,18 +246,29 @@ async def test_agents_lag_tables_query_and_live_feed(
         assert table_texts(driver, "#rows-table")[0][:2] == ["1", "Data analyst #1"]
         Select(driver.find_element(By.ID, "page-size")).select_by_visible_text("25")
         await until(driver, lambda d: len(table_texts(d, "#rows-table")) == 25, "a page of 25")
+        # A row written ahead of the page does not shift the next one (keyset paging on the primary key).
+        await storage.write_data("requisitions", requisition(0))
+        await settle_agent(client, storage)
         driver.find_element(By.ID, "page-next").click()
         await until(
             driver,
             lambda d: [r[0] for r in table_texts(d, "#rows-table")] == [str(i) for i in range(26, 32)],
             "the second page",
         )
+        assert driver.find_element(By.ID, "page-info").text == "rows 26–31"
+        driver.find_element(By.ID, "page-prev").click()
+        await until(
+            driver,
+            lambda d: [r[0] for r in table_texts(d, "#rows-table")] == [str(i) for i in range(25)],
+            "the first page again, from the start",
+        )
+        assert not driver.find_element(By.ID, "page-prev").is_enabled()
 
         # Query: the new row, a "*" query across agents, and an error shown plainly.
         run_query(driver, "SELECT id, title FROM requisitions WHERE id = 31")
         await until(driver, lambda d: table_texts(d, "#query-table") == [["31", requisition(31)["title"]]], "the row")
         run_query(driver, 'SELECT agent_id, count(*) AS n FROM "*".requisitions GROUP BY agent_id')
-        await until(driver, lambda d: table_texts(d, "#query-table") == [["recruiter-1", "31"]], "the * query")
+        await until(driver, lambda d: table_texts(d, "#query-table") == [["recruiter-1", "32"]], "the * query")
         run_query(driver, "DELETE FROM requisitions")
         error = await until(driver, displayed("query-error"), "the error")
         assert error.text.startswith("HTTP 4") and '"error"' in error.text, error.text
@@ -240,7 +279,7 @@ async def test_agents_lag_tables_query_and_live_feed(
         await until(driver, lambda d: "requisitions" in d.find_element(By.ID, "live-table").text, "the table list")
         Select(driver.find_element(By.ID, "live-table")).select_by_value("requisitions")
         driver.find_element(By.ID, "live-start").click()
-        await until(driver, lambda d: "snapshot had 31 rows" in d.find_element(By.ID, "live-status").text, "caught up")
+        await until(driver, lambda d: "snapshot had 32 rows" in d.find_element(By.ID, "live-status").text, "caught up")
         await storage.write_data("requisitions", requisition(32))
         await storage.write_data("requisitions", {**requisition(5), "status": "filled"})
         await until(
@@ -251,13 +290,29 @@ async def test_agents_lag_tables_query_and_live_feed(
         assert json.loads(table_texts(driver, "table.live")[1][3]) == requisition(32)
         driver.find_element(By.ID, "live-stop").click()
         tab(driver, "agents")
+        assert policy_violations(driver) == []
+
+
+def resync_requests(htpc: HtpcProcess, agent_id: str) -> list[tuple[str, str, str, str]]:
+    """(request id, reason, by, state) of every resync of the agent, oldest first, from the HTPC's own
+    recovery database (read-only)."""
+    path = DataDir(htpc.data_dir).recovery_db
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = conn.execute(
+            "SELECT request_id, reason, by, state FROM resync_requests WHERE agent_id = ? ORDER BY id", (agent_id,)
+        ).fetchall()
+    finally:
+        conn.close()
+    return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
 
 
 async def test_a_blocked_agent_is_shown_and_a_resync_from_the_page_heals_it(
     console_htpc: HtpcProcess, browser: WebDriver, tmp_path: Path
 ) -> None:
     """Over its 1 MiB quota the agent's automatic resyncs fail (3 attempts) and it is blocked; once it keeps
-    less, the operator's resync (confirmed in the page) heals it."""
+    less, the operator's resync (confirmed in the page) heals it: the request the page made is the one that
+    finished (the HTPC's recovery database says so)."""
     driver = browser
     async with (
         httpx.AsyncClient(base_url=console_htpc.url, timeout=10) as client,
@@ -277,9 +332,10 @@ async def test_a_blocked_agent_is_shown_and_a_resync_from_the_page_heals_it(
             state: dict[str, Any] | None = resp.json() if resp.status_code == 200 else None
             return state if state and "resync failed" in (state["blocked"] or "") else None
 
-        await apoll(blocked, 30, "huge-agent blocked")
-        if driver.current_url.rstrip("/") != console_htpc.url:  # kept open from the test before: its lag chart
-            driver.get(console_htpc.url + "/")
+        assert (await apoll(blocked, 30, "huge-agent blocked"))["state"] == "blocked"
+        automatic = resync_requests(console_htpc, "huge-agent")
+        assert automatic and all(r[3] == "failed" for r in automatic), automatic
+        driver.get(console_htpc.url + "/")
         await until(driver, shows(driver, "huge-agent", state="blocked"), "the agent shown as blocked")
         note = agent_row(driver, "huge-agent").find_element(By.CSS_SELECTOR, ".note").text  # type: ignore[union-attr]
         assert "resync failed" in note
@@ -290,13 +346,29 @@ async def test_a_blocked_agent_is_shown_and_a_resync_from_the_page_heals_it(
         dialog = await until(driver, displayed("confirm"), "the confirmation")
         assert "fresh full copy" in dialog.text and "replaces its central copy" in dialog.text
         driver.find_element(By.ID, "confirm-ok").click()
+
+        def page_request(d: WebDriver) -> re.Match[str] | None:
+            return re.search(
+                r"request ([0-9a-f]{32})", d.find_element(By.ID, "ops-result").get_attribute("textContent") or ""
+            )
+
+        request_id = (await until(driver, page_request, "the request the page made")).group(1)
         await storage.flush(timeout=15)
         seq = await storage.last_committed_seq()
         await until(driver, shows(driver, "huge-agent", state="ok", lag="0"), "the agent healed", timeout=30)
         state = (await client.get("/relay/agents/huge-agent")).json()
         assert state["blocked"] is None and state["resyncs"] >= 1 and state["watermark"] >= seq
+        assert state["state"] == "ok"
         count = {"agent_id": "huge-agent", "query": "SELECT count(*) FROM notes"}
         assert (await client.post("/relay/query", json=count)).json()["rows"] == [[8]]
+
+        # The page's request healed it: the one resync that finished is the one asked from the console.
+        async def finished() -> list[tuple[str, str, str, str]] | None:
+            return [r for r in resync_requests(console_htpc, "huge-agent") if r[3] == "finished"] or None
+
+        assert await apoll(finished, 15, "the resync finished") == [
+            (request_id, "requested from the console", "operator", "finished")
+        ]
 
         # The operations tab lists the dead letters the failed resyncs left, with retry and discard.
         tab(driver, "ops")
@@ -304,11 +376,30 @@ async def test_a_blocked_agent_is_shown_and_a_resync_from_the_page_heals_it(
         assert driver.find_elements(By.CSS_SELECTOR, "#dl-body button.discard")
         tab(driver, "agents")
         await until(driver, shows(driver, "huge-agent", state="ok"), "still ok")
-        await until(driver, shows(driver, "recruiter-1", state="ok"), "the other agents")
-        notice = driver.find_element(By.ID, "agents-notice")
-        if notice.is_displayed():
-            notice.click()  # dismissed
-        await until(driver, lambda d: not d.find_element(By.ID, "agents-notice").is_displayed(), "the notice gone")
+
+
+async def test_a_screenshot_of_the_agents_view(console_htpc: HtpcProcess, browser: WebDriver, tmp_path: Path) -> None:
+    """The agents view with the agents caught up: the picture in the README (see the module docstring)."""
+    driver = browser
+    target = Path(os.environ.get("CONSOLE_SCREENSHOT") or tmp_path / "console.png")
+    async with (
+        httpx.AsyncClient(base_url=console_htpc.url, timeout=10) as client,
+        agent_session(
+            "interviewer-3",
+            tmp_path / "i3",
+            htpc_url=console_htpc.url,
+            migrations=[INTERVIEWS],
+            visibility={"interviews": "always", "feedback": "on_demand"},
+        ) as interviewer,
+    ):
+        driver.get(console_htpc.url + "/")
+        for i in range(1, 13):
+            await interviewer.write_data("interviews", {"id": i, "candidate": f"Candidate {i}", "stage": "onsite"})
+            await interviewer.write_data("feedback", {"id": i, "interview_id": i, "score": 1 + i % 4})
+        seq = await settle_agent(client, interviewer)
+        await until(driver, shows(driver, "interviewer-3", state="ok", applied=str(seq), lag="0"), "the agent")
+        await until(driver, lambda d: d.find_element(By.ID, "health").get_attribute("data-state") == "ok", "health")
+        await until(driver, charts_full, "the lag charts drawn across their width (the page open for 5 s)")
         height = int(
             driver.execute_script(
                 "return document.getElementById('main').getBoundingClientRect().bottom"
@@ -318,12 +409,12 @@ async def test_a_blocked_agent_is_shown_and_a_resync_from_the_page_heals_it(
         size = driver.get_window_size()
         driver.set_window_size(1280, max(360, height + 24))
         try:
-            save_screenshot(driver, SCREENSHOT)
+            save_screenshot(driver, target)
         finally:
             driver.set_window_size(size["width"], size["height"])
+    assert target.read_bytes().startswith(b"\x89PNG") and target.stat().st_size > 10_000
 
 
-@pytest.mark.skipif(importlib.util.find_spec("replicator.api_docs") is None, reason="replicator.api_docs not there yet")
 async def test_docs_render_with_no_network(console_htpc: HtpcProcess, browser: WebDriver) -> None:
     driver = browser
     network_requests(driver)  # forget earlier requests
@@ -376,6 +467,12 @@ def test_whoami_and_the_tables_endpoint_with_auth_on(secured: tuple[HtpcProcess,
     assert get("/relay/agents/bad%20id/tables", tokens["ops"]).status_code == 400
 
 
+def stored(driver: WebDriver) -> tuple[str | None, int]:
+    """(the token in this tab's sessionStorage, how many localStorage entries the page has)."""
+    found = driver.execute_script("return [sessionStorage.getItem(arguments[0]), localStorage.length]", TOKEN_KEY)
+    return found[0], int(found[1])
+
+
 def sign_in(driver: WebDriver, token: str) -> None:
     box = driver.find_element(By.ID, "token")
     box.clear()
@@ -417,19 +514,30 @@ async def test_with_auth_the_page_asks_for_a_token_and_offers_operator_actions_o
     assert json.loads(table_texts(driver, "table.live")[0][3]) == {"id": 2, "body": "second note"}
     driver.find_element(By.ID, "live-stop").click()
 
-    # Kept for the session: a reload stays signed in.
+    # Kept for the session (sessionStorage, never localStorage): a reload stays signed in.
+    assert stored(driver) == (agent_token, 0)
     driver.refresh()
     await until(driver, lambda d: d.find_element(By.ID, "who").text == "agent agent-a", "still signed in")
+    await until(driver, shows(driver, "agent-a", lag="0"), "agent-a's row again")
 
-    # A wrong token is refused plainly; an operator's token offers the operator actions.
+    # Signing out forgets the token and everything read with it (the page starts over).
     driver.find_element(By.ID, "sign-out").click()
     await until(driver, lambda d: d.find_element(By.ID, "login").is_displayed(), "the token form again")
+    assert stored(driver) == (None, 0)
+    assert driver.find_elements(By.CSS_SELECTOR, "#agents-body tr") == []
+    assert driver.find_element(By.ID, "who").text == "not signed in"
+
+    # A wrong token is refused plainly; an operator's token offers the operator actions.
     sign_in(driver, wrong)
     await until(driver, lambda d: "refused" in d.find_element(By.ID, "login-error").text, "the refusal")
     sign_in(driver, ops_token)
     await until(driver, lambda d: d.find_element(By.ID, "who").text == "operator ops", "signed in as ops")
     await until(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#agents-body button.resync"), "a resync button")
     assert driver.find_element(By.ID, "tab-ops").is_displayed()
+    assert stored(driver) == (ops_token, 0)
+    tab(driver, "query")
+    await until(driver, lambda d: "agent-a" in d.find_element(By.ID, "query-agent").text, "the agents to ask as")
+    assert driver.find_element(By.ID, "query-agent").is_enabled()  # an operator asks as any agent
     tab(driver, "ops")
     await until(driver, lambda d: d.find_element(By.ID, "dl-empty").is_displayed(), "the (empty) dead letters")
     assert not driver.find_element(By.ID, "dl-error").is_displayed()
@@ -442,3 +550,6 @@ async def test_with_auth_the_page_asks_for_a_token_and_offers_operator_actions_o
     bearers = {str(v) for r in sent for k, v in r["headers"].items() if k.lower() == "authorization"}
     assert f"Bearer {agent_token}" in bearers and f"Bearer {ops_token}" in bearers, "the log sees the headers"
     driver.find_element(By.ID, "sign-out").click()
+    await until(driver, lambda d: d.find_element(By.ID, "login").is_displayed(), "signed out")
+    assert stored(driver) == (None, 0)
+    assert policy_violations(driver) == []

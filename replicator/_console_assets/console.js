@@ -3,7 +3,10 @@
  * Everything is read with fetch() from the same endpoints any client uses; the token (when the HTPC has
  * authentication on) is kept in this tab's sessionStorage and sent as an Authorization header, never in a
  * URL. Agent ids, table names and values are hostile input: they are only ever put into the page as
- * textContent or attribute values, never as HTML.
+ * textContent or attribute values, never as HTML (the page's Content-Security-Policy also refuses every
+ * Trusted Types sink). URLs are relative to the page, so the console works behind a reverse proxy's path
+ * prefix. An agent's state (ok, lagging, stuck, blocked, idle) is the HTPC's own word (`state` in
+ * /relay/agents), never derived here.
  */
 "use strict";
 
@@ -12,7 +15,6 @@
   const POLL_MS = 1000;
   const OPS_POLL_MS = 2000;
   const HISTORY_S = 300; // the lag chart's window
-  const OFFLINE_AFTER_S = 600; // no record from an agent this long: shown as offline (an idle agent sends nothing)
   const LIVE_KEEP = 200; // live changes kept on screen
 
   const $ = (id) => document.getElementById(id);
@@ -23,8 +25,11 @@
     history: new Map(), // agent id -> [{t, lag, delay}]
     rows: new Map(), // agent id -> row elements
     tab: "agents",
-    browse: { agent: null, table: null, info: null, offset: 0 },
+    browse: { agent: null, table: null, info: null, offset: 0, after: null, keys: [], lastKey: null, seq: 0 },
     live: null,
+    startTimer: null,
+    startSeq: 0, // the newest start(): an older one's answer is dropped (one start chain at a time)
+    pollSeq: 0, // likewise for poll()
     pollTimer: null,
     opsTimer: null,
     noticeTimer: null,
@@ -166,14 +171,18 @@
   }
 
   async function start() {
-    const answer = await api("/relay/whoami", { noLogin: true });
+    clearTimeout(state.startTimer);
+    state.startTimer = null;
+    const ticket = ++state.startSeq;
+    const answer = await api("relay/whoami", { noLogin: true });
+    if (ticket !== state.startSeq) return; // a newer start() took over
     if (answer.status === 401) {
       needLogin(answer.data && answer.data.message);
       return;
     }
     if (!answer.ok) {
       $("who").textContent = errorText(answer).split("\n")[0];
-      setTimeout(start, 2000);
+      state.startTimer = setTimeout(start, 2000);
       return;
     }
     state.me = answer.data;
@@ -192,17 +201,24 @@
   function useToken() {
     const value = $("token").value.trim();
     if (!value) return;
+    const inUse = state.token !== null || state.me !== null; // the page may show what another token read
     state.token = value;
     sessionStorage.setItem(TOKEN_KEY, value);
     $("token").value = "";
+    if (inUse) {
+      location.reload(); // start from an empty page: nothing the previous token read stays in it
+      return;
+    }
     start();
   }
 
   function signOut() {
+    stopPolling();
+    stopLive();
     state.token = null;
-    sessionStorage.removeItem(TOKEN_KEY);
     state.me = null;
-    needLogin(null);
+    sessionStorage.removeItem(TOKEN_KEY);
+    location.reload(); // nothing read with the token stays in the page
   }
 
   /** The agent a request acts as: an agent token may only act as its own agent. */
@@ -213,6 +229,7 @@
 
   // ------------------------------------------------------------------ polling: agents and health
   function stopPolling() {
+    state.pollSeq += 1; // a poll in flight draws nothing and sets no timer
     clearTimeout(state.pollTimer);
     clearTimeout(state.opsTimer);
     state.pollTimer = null;
@@ -221,8 +238,9 @@
 
   async function poll() {
     clearTimeout(state.pollTimer);
-    const [agents, health] = await Promise.all([api("/relay/agents"), api("/health")]);
-    if (agents.status === 401) return;
+    const ticket = ++state.pollSeq;
+    const [agents, health] = await Promise.all([api("relay/agents"), api("health")]);
+    if (ticket !== state.pollSeq || agents.status === 401) return;
     if (agents.ok && agents.data) {
       state.agents = agents.data.agents || [];
       renderAgents();
@@ -251,18 +269,16 @@
     show(problems, list.length > 0);
   }
 
-  function agentState(a) {
-    if (a.blocked || a.agent_blocked) return "blocked";
-    if (a.seconds_since_seen === null || a.seconds_since_seen > OFFLINE_AFTER_S) return "offline";
-    if (a.lag_changes > 0) return "lagging";
-    return "ok";
-  }
-
   function stateTitle(a, st) {
     if (st === "blocked") return [a.blocked, a.agent_blocked].filter(Boolean).join("; ");
-    if (st === "offline") {
-      return "no record from this agent for " + ago(a.seconds_since_seen).replace(" ago", "") +
-        " (an idle agent sends nothing)";
+    if (st === "stuck") {
+      return a.lag_changes + " changes behind and not moving for " + secs(a.behind_for_s) + " (see the problems above)";
+    }
+    if (st === "idle") {
+      const since = a.seconds_since_seen === null ? "no record from this agent yet"
+        : "no record from this agent for " + ago(a.seconds_since_seen).replace(" ago", "");
+      return "nothing to apply and " + since + " (an idle agent sends nothing; the HTPC cannot tell whether it is " +
+        "switched off)";
     }
     if (st === "lagging") return a.lag_changes + " changes not applied yet";
     return "caught up";
@@ -357,13 +373,14 @@
     for (const a of state.agents) {
       seen.add(a.agent_id);
       const row = agentRow(a.agent_id);
-      const st = agentState(a);
+      const st = a.state || "ok"; // the HTPC's word for it
       row.tr.dataset.state = st;
       row.state.textContent = st;
       row.state.dataset.state = st;
       row.state.title = stateTitle(a, st);
       const notes = [];
       if (st === "blocked") notes.push([a.blocked, a.agent_blocked].filter(Boolean).join("; "));
+      if (st === "stuck") notes.push("not moving for " + secs(a.behind_for_s));
       if (a.resync_pending) notes.push("resync pending: " + a.resync_pending);
       if (a.waiting_records) notes.push(a.waiting_records + " records wait for an earlier one");
       row.note.textContent = notes.join(" · ");
@@ -393,6 +410,7 @@
         state.rows.delete(agentId);
       }
     }
+    for (const agentId of state.history.keys()) if (!seen.has(agentId)) state.history.delete(agentId);
     show($("agents-empty"), state.agents.length === 0);
   }
 
@@ -418,6 +436,7 @@
       queryAgent.disabled = true;
     } else {
       fillSelect(queryAgent, ids);
+      queryAgent.disabled = false; // an operator (or no authentication) may ask as any agent
     }
     const liveAgent = $("live-agent");
     const before = liveAgent.value;
@@ -432,6 +451,7 @@
     for (const v of document.querySelectorAll(".view")) show(v, v.id === "view-" + name);
     clearTimeout(state.opsTimer);
     if (name === "ops") pollOps();
+    if (name === "live") fillLiveTables(); // tables declared since the list was made
     if (name === "tables" && $("tables-agent").value && !state.browse.agent) loadTables($("tables-agent").value);
   }
 
@@ -446,8 +466,8 @@
     const list = $("tables-list");
     clear(list);
     show($("tables-detail"), false);
-    state.browse = { agent: agentId, table: null, info: null, offset: 0 };
-    const answer = await api("/relay/agents/" + encodeURIComponent(agentId) + "/tables");
+    state.browse = browseState(agentId, null);
+    const answer = await api("relay/agents/" + encodeURIComponent(agentId) + "/tables");
     if (!answer.ok) {
       list.appendChild(el("span", { cls: "error", text: errorText(answer).split("\n")[0] }));
       return;
@@ -463,8 +483,20 @@
     if (tables.length) openTable(agentId, tables[0]);
   }
 
+  /** What the Tables view shows: a table, and where its page starts (`offset` rows in, after key `after`). */
+  function browseState(agentId, info) {
+    return {
+      agent: agentId, table: info ? info.name : null, info: info,
+      offset: 0, // rows before this page (shown as "rows 51-100")
+      after: null, // keyset paging: the primary key of the previous page's last row (null: from the start)
+      keys: [], // {offset, after} of the pages before this one, for "previous"
+      lastKey: null, // the primary key of this page's last row (null: none, or not bindable as a parameter)
+      seq: 0, // the newest request for a page; an older answer is dropped
+    };
+  }
+
   function openTable(agentId, info) {
-    state.browse = { agent: agentId, table: info.name, info: info, offset: 0 };
+    state.browse = browseState(agentId, info);
     for (const b of $("tables-list").children) b.classList.toggle("active", b.dataset.table === info.name);
     $("tables-title").textContent = agentId + " · " + info.name + "  (" + info.visibility + ", " + info.source + ")";
     const body = $("schema-body");
@@ -488,19 +520,56 @@
     return asking === agentId ? quoteIdent(table) : quoteIdent(agentId) + "." + quoteIdent(table);
   }
 
+  /** The page's SQL: keyset paging on the primary key (`WHERE (pk...) > (?...) ORDER BY pk... LIMIT ?`), stable
+   * while rows are written; a table without one (a relay table) in rowid order by LIMIT/OFFSET. */
+  function pageQuery(b, size, after, offset) {
+    const from = "SELECT * FROM " + tableSql(b.agent, b.table, askingAgent(b.agent));
+    const pk = b.info.pk || [];
+    if (!pk.length) {
+      const order = b.info.source === "relay" ? " ORDER BY _rowid_" : "";
+      return { sql: from + order + " LIMIT ? OFFSET ?", params: [size + 1, offset] };
+    }
+    const cols = pk.map(quoteIdent);
+    const order = " ORDER BY " + cols.join(", ");
+    if (after !== null) {
+      const marks = pk.map(() => "?").join(", ");
+      return { sql: from + " WHERE (" + cols.join(", ") + ") > (" + marks + ")" + order + " LIMIT ?", params: [...after, size + 1] };
+    }
+    // from the start, or after a key that cannot be a parameter (a BLOB, NULL, an infinite REAL): by offset
+    return offset ? { sql: from + order + " LIMIT ? OFFSET ?", params: [size + 1, offset] }
+      : { sql: from + order + " LIMIT ?", params: [size + 1] };
+  }
+
+  /** The primary key of a result row, as query parameters; null when a value cannot be one. */
+  function keyOf(pk, columns, row) {
+    if (!pk.length || !row) return null;
+    const key = [];
+    for (const name of pk) {
+      const i = columns.indexOf(name);
+      const v = i >= 0 ? row[i] : null;
+      if (v === null || v === undefined || typeof v === "object") return null;
+      if (typeof v === "number" && Number.isInteger(v) && !Number.isSafeInteger(v)) return null; // rounded by JSON
+      key.push(v);
+    }
+    return key;
+  }
+
   async function loadPage() {
     const b = state.browse;
     if (!b.info) return;
     const size = parseInt($("page-size").value, 10);
-    const asking = askingAgent(b.agent);
-    const pk = b.info.pk || [];
-    const order = pk.length ? " ORDER BY " + pk.map(quoteIdent).join(", ") : "";
-    const sql = "SELECT * FROM " + tableSql(b.agent, b.table, asking) + order + " LIMIT ? OFFSET ?";
-    const answer = await api("/relay/query", {
-      method: "POST", body: { agent_id: asking, query: sql, params: [size + 1, b.offset] },
+    const ticket = ++b.seq;
+    const offset = b.offset; // this request's page, whatever is clicked meanwhile
+    const after = b.after;
+    $("page-prev").disabled = true;
+    $("page-next").disabled = true;
+    const q = pageQuery(b, size, after, offset);
+    const answer = await api("relay/query", {
+      method: "POST", body: { agent_id: askingAgent(b.agent), query: q.sql, params: q.params },
     });
-    if (state.browse !== b) return; // another table was opened meanwhile
+    if (state.browse !== b || b.seq !== ticket) return; // another table or page was asked for meanwhile
     const error = $("rows-error");
+    $("page-prev").disabled = offset === 0;
     if (!answer.ok) {
       error.textContent = errorText(answer).split("\n")[0];
       show(error, true);
@@ -509,17 +578,35 @@
     }
     show(error, false);
     const rows = answer.data.rows.slice(0, size);
+    b.lastKey = keyOf(b.info.pk || [], answer.data.columns, rows[rows.length - 1]);
     renderResult($("rows-table"), { columns: answer.data.columns, rows: rows });
     $("page-info").textContent = rows.length
-      ? "rows " + (b.offset + 1) + "–" + (b.offset + rows.length)
-      : b.offset ? "no more rows" : "no rows";
-    $("page-prev").disabled = b.offset === 0;
+      ? "rows " + (offset + 1) + "–" + (offset + rows.length)
+      : offset ? "no more rows" : "no rows";
     $("page-next").disabled = answer.data.rows.length <= size;
   }
 
   function movePage(direction) {
+    const b = state.browse;
+    if (!b.info) return;
     const size = parseInt($("page-size").value, 10);
-    state.browse.offset = Math.max(0, state.browse.offset + direction * size);
+    if (direction > 0) {
+      b.keys.push({ offset: b.offset, after: b.after });
+      b.after = b.lastKey;
+      b.offset += size;
+    } else {
+      const back = b.keys.pop() || { offset: 0, after: null };
+      b.offset = back.offset;
+      b.after = back.after;
+    }
+    loadPage();
+  }
+
+  function firstPage() {
+    const b = state.browse;
+    b.offset = 0;
+    b.after = null;
+    b.keys = [];
     loadPage();
   }
 
@@ -554,7 +641,7 @@
     $("query-run").disabled = true;
     $("query-status").textContent = "running…";
     const t0 = performance.now();
-    const answer = await api("/relay/query", { method: "POST", body: { agent_id: agentId, query: sql } });
+    const answer = await api("relay/query", { method: "POST", body: { agent_id: agentId, query: sql } });
     const took = Math.round(performance.now() - t0);
     $("query-run").disabled = false;
     if (!answer.ok) {
@@ -576,7 +663,7 @@
     const agentId = $("live-agent").value;
     const select = $("live-table");
     if (!agentId) return;
-    const answer = await api("/relay/agents/" + encodeURIComponent(agentId) + "/tables");
+    const answer = await api("relay/agents/" + encodeURIComponent(agentId) + "/tables");
     if (!answer.ok) return;
     const names = (answer.data.tables || []).filter((t) => t.visibility === "always").map((t) => t.name);
     fillSelect(select, names);
@@ -614,7 +701,7 @@
     live.abort = new AbortController();
     live.caughtUp = live.offset !== null;
     live.snapshot = 0;
-    let url = "/relay/changes?agent=" + encodeURIComponent(live.agent) + "&table=" + encodeURIComponent(live.table) +
+    let url = "relay/changes?agent=" + encodeURIComponent(live.agent) + "&table=" + encodeURIComponent(live.table) +
       "&live=true";
     if (live.offset) url += "&offset=" + encodeURIComponent(live.offset);
     liveStatus(live, live.offset ? "reconnecting…" : "reading the snapshot…");
@@ -718,7 +805,7 @@
   async function pollOps() {
     clearTimeout(state.opsTimer);
     if (state.tab !== "ops" || !state.me || !state.me.operator) return;
-    const [letters, resyncs] = await Promise.all([api("/relay/dead-letters?limit=100"), api("/relay/resyncs")]);
+    const [letters, resyncs] = await Promise.all([api("relay/dead-letters?limit=100"), api("relay/resyncs")]);
     renderDeadLetters(letters);
     renderResyncs(resyncs);
     state.opsTimer = setTimeout(pollOps, OPS_POLL_MS);
@@ -807,7 +894,7 @@
       "Resync " + agentId, true);
     if (!answer) return;
     const body = answer.reason ? { reason: answer.reason } : { reason: "requested from the console" };
-    const result = await api("/relay/agents/" + encodeURIComponent(agentId) + "/resync", { method: "POST", body: body });
+    const result = await api("relay/agents/" + encodeURIComponent(agentId) + "/resync", { method: "POST", body: body });
     if (result.ok) {
       opsResult("Resync of " + agentId + " requested (" + result.data.state + ", request " + result.data.request_id + ").");
     } else {
@@ -836,7 +923,7 @@
         "Still failing: it stays, with the new reason.",
       "Retry", false);
     if (!answer) return;
-    const result = await api("/relay/dead-letters/" + encodeURIComponent(d.id) + "/retry", { method: "POST" });
+    const result = await api("relay/dead-letters/" + encodeURIComponent(d.id) + "/retry", { method: "POST" });
     opsResult(result.ok ? "Dead letter " + d.id + ": " + result.data.outcome + ". " + JSON.stringify(result.data)
       : errorText(result).split("\n")[0], !result.ok || result.data.outcome === "failed");
     pollOps();
@@ -851,7 +938,7 @@
         "nothing more.",
       "Discard", false);
     if (!answer) return;
-    const result = await api("/relay/dead-letters/" + encodeURIComponent(d.id) + "/discard", { method: "POST" });
+    const result = await api("relay/dead-letters/" + encodeURIComponent(d.id) + "/discard", { method: "POST" });
     opsResult(result.ok ? "Dead letter " + d.id + " discarded: " + (result.data.consequence || "")
       : errorText(result).split("\n")[0], !result.ok);
     pollOps();
@@ -868,10 +955,7 @@
     $("tables-agent").addEventListener("change", () => loadTables($("tables-agent").value));
     $("page-prev").addEventListener("click", () => movePage(-1));
     $("page-next").addEventListener("click", () => movePage(1));
-    $("page-size").addEventListener("change", () => {
-      state.browse.offset = 0;
-      loadPage();
-    });
+    $("page-size").addEventListener("change", firstPage);
     $("query-run").addEventListener("click", runQuery);
     $("query-sql").addEventListener("keydown", (e) => {
       if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {

@@ -67,8 +67,10 @@ def test_agents_in_id_order_with_lag_dead_letters_and_blocked() -> None:
     assert b["tables"] == {"always": ["alerts", "notes"], "on_demand": ["cache"]}
     assert b["replication_delay_s"] == 0.5 and b["seconds_since_seen"] == 1.25
     assert b["last_applied_at"] == NOW - 2.0 and b["head_seq"] == 9 and b["watermark"] == 4
+    assert (a["state"], b["state"]) == ("ok", "blocked")
     assert list(b) == [
         "agent_id",
+        "state",
         "epoch",
         "watermark",
         "head_seq",
@@ -102,6 +104,37 @@ def test_one_agent() -> None:
     status = _status()
     assert status.agent("b-agent") == status.agents()[1]
     assert status.agent("nobody") is None
+
+
+def test_each_agent_has_one_state_word() -> None:
+    """blocked > stuck > lagging > idle > ok; stuck is the rule /health names ("has not moved")."""
+    plain = _agent("a", watermark=7, head_seq=7)
+
+    def state(agent: AgentView, facts: StreamFacts | None = None) -> str:
+        entry = _one(agent, facts or _facts()).agent(agent.agent_id)
+        assert entry is not None
+        return str(entry["state"])
+
+    assert state(plain) == "ok"
+    published = PublishedPosition("e1", 12, 40, NOW - 50.0, first_seq=8)
+
+    def behind(for_s: float) -> StreamFacts:
+        return _facts(
+            published=MappingProxyType({"a": published}),
+            progress=MappingProxyType({"a": Progress("e1", 7, 5, NOW - for_s, published)}),
+        )
+
+    assert state(plain, behind(10.0)) == "lagging"  # behind for 10 s < stuck_after 30 s
+    stuck = _one(plain, behind(31.0))
+    assert stuck.agents()[0]["state"] == "stuck" and "has not moved for 31s" in stuck.problems[0]
+    assert state(replace(plain, blocked="changes 8-8 dead-lettered"), behind(31.0)) == "blocked"
+    assert state(replace(plain, agent_blocked="row 4: bad text", agent_reported_at=NOW - 9)) == "blocked"
+    # Nothing to apply and no record for 10 min: idle (the HTPC cannot know it is switched off).
+    assert state(replace(plain, last_seen=NOW - 599.0)) == "ok"
+    assert state(replace(plain, last_seen=NOW - 600.0)) == "idle"
+    assert state(replace(plain, last_seen=NOW - 3600.0), behind(10.0)) == "lagging"  # behind is not idle
+    fresh = AgentView("new", Path("/x"), None, 0, 0, None, None, None, 0, 0, None)
+    assert Status(view=StoreView(MappingProxyType({"new": fresh})), now=NOW).agents()[0]["state"] == "idle"
 
 
 def test_an_agent_never_applied_has_no_delay_or_age() -> None:
