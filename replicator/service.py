@@ -28,7 +28,6 @@ from nats.js import JetStreamContext
 from agent_client import (
     REPLICATOR_INBOX,
     Backoff,
-    ensure_stream,
     read_seed,
     reconnecting_options,
 )
@@ -45,7 +44,7 @@ from .relay_writer import RelayWriter
 from .resync import ResyncCoordinator
 from .settings import Settings
 from .snapshots import Snapshots
-from .stream_admin import reconcile_stream
+from .stream_admin import ensure_stream_named, reconcile_stream
 from .stream_watch import StreamWatch
 
 log = logging.getLogger("replicator")
@@ -149,7 +148,8 @@ class ReplicatorService:
             self.nats_url = self.embedded.url
         self.nc = await connect_nats(self.nats_url, name=name, options=self._nats_options())
         self.js = self.nc.jetstream()
-        await ensure_stream(self.js, replicas=s.stream_replicas)
+        # a cluster still forming refuses placement for a while: retried, then a named error
+        await ensure_stream_named(self.js, s.stream_replicas, settle_s=30.0)
         return self.js
 
     def open_store(self) -> tuple[CentralStore, DeadLetterStore]:

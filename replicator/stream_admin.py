@@ -252,7 +252,12 @@ async def stream_info(js: JetStreamContext) -> StreamInfo:
         raise StreamNotFound(
             f"there is no stream {STREAM_NAME} on this NATS: create it with `replicator stream create`"
         ) from None
-    except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+    except (
+        TimeoutError,
+        nats.errors.TimeoutError,
+        nats.errors.NoRespondersError,
+        nats.js.errors.ServiceUnavailableError,
+    ) as exc:
         raise NatsUnavailable(f"JetStream did not answer ({type(exc).__name__}): is JetStream enabled?") from exc
 
 
@@ -305,26 +310,46 @@ async def reconcile_stream(js: JetStreamContext, settings: Settings) -> tuple[St
     return info, changes
 
 
+#: JetStream's "no suitable peers for placement": also what a cluster still forming answers for a while.
+NO_SUITABLE_PEERS = 10005
+
+
+async def ensure_stream_named(js: JetStreamContext, replicas: int, *, settle_s: float) -> None:
+    """agent_client's `ensure_stream`, with JetStream's refusals as named errors.
+
+    A placement refusal (10005: not enough servers up for `replicas`, e.g. a cluster whose nodes have not all
+    joined yet) is retried for `settle_s` seconds, then reported as StreamMisconfigured; any other refusal
+    (e.g. replicas > 1 on a single server) at once; no answer from JetStream is NatsUnavailable.
+    """
+    deadline = time.monotonic() + settle_s
+    delay = 0.2
+    while True:
+        try:
+            await ensure_stream(js, replicas=replicas)
+            return
+        except nats.js.errors.ServiceUnavailableError as exc:
+            raise NatsUnavailable(f"JetStream did not answer (is JetStream enabled on the server?): {exc}") from exc
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == NO_SUITABLE_PEERS and time.monotonic() + delay < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            raise StreamMisconfigured(
+                f"stream {STREAM_NAME} could not be created with {replicas} replica(s): {_refusal(exc, replicas)}"
+            ) from exc
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            raise NatsUnavailable(f"no answer from JetStream creating stream {STREAM_NAME}") from exc
+
+
 async def create_stream(js: JetStreamContext, settings: Settings) -> tuple[StreamInfo, bool, list[str]]:
     """What `replicator serve` does to the stream at start-up: create AGENT_CHANGES if it is missing
     (with --stream-replicas), then `reconcile_stream`. Returns (info, created, changes)."""
     try:
-        await js.stream_info(STREAM_NAME)
+        await stream_info(js)
         existed = True
-    except nats.js.errors.NotFoundError:
+    except StreamNotFound:
         existed = False
-    try:
-        await ensure_stream(js, replicas=settings.stream_replicas)
-    except nats.js.errors.NotFoundError as exc:
-        # ensure_stream takes a refused create for a lost race, then finds no stream: a placement refusal.
-        raise StreamMisconfigured(
-            f"stream {STREAM_NAME} could not be created with {settings.stream_replicas} replica(s): "
-            f"JetStream refused it (are {settings.stream_replicas} JetStream servers up in the cluster?)"
-        ) from exc
-    except nats.js.errors.APIError as exc:
-        raise StreamMisconfigured(
-            f"stream {STREAM_NAME} could not be created: {_refusal(exc, settings.stream_replicas)}"
-        ) from exc
+    await ensure_stream_named(js, settings.stream_replicas, settle_s=10.0)
     info, changes = await reconcile_stream(js, settings)
     return info, not existed, changes
 

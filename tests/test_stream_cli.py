@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.errors
 import pytest
 from nats.js import JetStreamContext
 from nats.js.api import StreamInfo
@@ -279,3 +280,26 @@ async def test_serve_connect_gives_up_at_its_deadline_on_an_unreachable_server()
     url = f"nats://127.0.0.1:{free_port()}"
     with pytest.raises(NatsUnavailable, match="cannot connect to NATS"):
         await asyncio.wait_for(connect_nats(url, name="test-deadline", connect_timeout_s=1.0), timeout=60)
+
+
+async def test_serve_asking_3_replicas_of_a_single_server_is_a_named_error(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """JetStream refuses R3 on a server that is not clustered: serve exits 1 naming it, no traceback, no stream."""
+    proc = await asyncio.to_thread(
+        run_cli,
+        "serve",
+        "--data-dir",
+        str(tmp_path / "htpc"),
+        "--port",
+        str(free_port()),
+        "--nats-url",
+        nats_server.url,
+        "--stream-replicas",
+        "3",
+        timeout=120,
+    )
+    assert_named_error(proc.returncode, proc.stderr, "could not be created with 3 replica")
+    async with jetstream(nats_server.url) as js:
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await js.stream_info(STREAM_NAME)
