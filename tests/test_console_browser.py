@@ -37,7 +37,7 @@ from replicator.data_dir import DataDir
 from tests.support.browser import find_chromium, network_requests, save_screenshot, start_chromium
 from tests.support.credentials import make_credentials
 from tests.support.htpc import HtpcProcess, agent_session, apoll, settle_agent
-from tests.support.nats_server import NatsServer, start_nats_server
+from tests.support.nats_server import NatsServer
 
 T = TypeVar("T")
 
@@ -76,20 +76,11 @@ def browser() -> Iterator[WebDriver]:
 
 
 @pytest.fixture(scope="module")
-def console_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    server = start_nats_server(tmp_path_factory.mktemp("console-nats") / "jetstream")
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
-def console_htpc(console_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HtpcProcess]:
+def console_htpc(module_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HtpcProcess]:
     """Authentication off; a 1 MiB quota per agent so that one agent can be blocked on purpose."""
     proc = HtpcProcess(
         tmp_path_factory.mktemp("console-htpc") / "htpc",
-        console_nats.url,
+        module_nats.url,
         extra_args=["--max-agent-bytes", str(1024 * 1024), "--resync-after", "1s"],
     )
     proc.start()
